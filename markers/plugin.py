@@ -1,0 +1,57 @@
+"""Command-line options of the suite, their validation (bad values are usage errors, exit 4),
+and the hooks that apply markers."""
+import os
+from pathlib import Path
+
+import pytest
+
+from parity.device import DeviceError, import_plugins, resolve_device
+
+MODEL_CONFIGS = ("r50", "tiny")
+PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
+SUITE_DIR = Path(__file__).resolve().parent.parent / "suite"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("detr", "DETR accelerator conformance")
+    group.addoption("--xpu", default="auto", help="device under test: auto (default), cpu, cuda, cuda:1, xpu, npu:0, ...")
+    group.addoption("--xpu-plugin", action="append", default=[], metavar="MODULE",
+                    help="import a vendor extension first (torch_xmlir, torch_npu, torch_mlu, torch_musa, ...); repeatable")
+    group.addoption("--precision", default="fp32", help=f"comma-separated precisions under test: {', '.join(PRECISIONS)} (default fp32)")
+    group.addoption("--model-config", default="r50", help=f"DETR configuration: {' or '.join(MODEL_CONFIGS)} (default r50)")
+    group.addoption("--coco-path", default=None, help="COCO 2017 folder (train2017/, val2017/, annotations/); default: the generated synthetic set")
+    group.addoption("--report-dir", default="reports", help="folder for JSON, Markdown and PNG reports (default reports/)")
+
+
+def parse_precisions(value: str):
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if not names or bad:
+        raise pytest.UsageError(f"--precision {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    return names
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--model-config") not in MODEL_CONFIGS:
+        raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: expected {' or '.join(MODEL_CONFIGS)}")
+    config.detr_precisions = parse_precisions(config.getoption("--precision"))
+    coco_path = config.getoption("--coco-path")
+    if coco_path is not None and not os.path.isdir(coco_path):
+        raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")
+    try:
+        import_plugins(config.getoption("--xpu-plugin"))
+        config.detr_device = resolve_device(config.getoption("--xpu"))
+    except DeviceError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
+    """Every conformance test under suite/ checks the device under test: it is marked ``xpu``."""
+    for item in items:
+        if SUITE_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.xpu)
+
+
+def pytest_report_header(config: pytest.Config):
+    return f"device under test: {config.detr_device} (--xpu {config.getoption('--xpu')}); precision: {','.join(config.detr_precisions)}; model: {config.getoption('--model-config')}"

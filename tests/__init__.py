@@ -1,0 +1,1 @@
+"""The project's own tests of detr/, parity/, fixtures, markers and reports."""
