@@ -9,6 +9,8 @@ from torch import Tensor
 from torchvision.ops import box_area, box_convert
 from torchvision.ops import generalized_box_iou as _pairwise_giou
 
+from .misc import NonFiniteError
+
 
 def box_cxcywh_to_xyxy(x: Tensor) -> Tensor:
     return box_convert(x, "cxcywh", "xyxy")
@@ -19,7 +21,8 @@ def box_xyxy_to_cxcywh(x: Tensor) -> Tensor:
 
 
 def check_boxes(boxes: Tensor, name: str) -> None:
-    """Raises ValueError naming the rows of ``boxes`` [N, 4] (xyxy) that are non-finite or have x1 < x0 or y1 < y0.
+    """Raises ValueError naming the rows of ``boxes`` [N, 4] (xyxy) that are non-finite or have x1 < x0 or y1 < y0
+    (NonFiniteError, a ValueError, when any is non-finite).
 
     GIoU is undefined there; the reference only asserts, which hides NaN coming from a device.
     """
@@ -30,7 +33,8 @@ def check_boxes(boxes: Tensor, name: str) -> None:
         rows = bad.nonzero().flatten()
         shown = ", ".join(f"{int(i)}: {boxes[i].tolist()}" for i in rows[:5])
         kind = "non-finite" if not bool(finite.all()) else "degenerate (x1 < x0 or y1 < y0)"
-        raise ValueError(
+        error = NonFiniteError if kind == "non-finite" else ValueError
+        raise error(
             f"{name}: {len(rows)} of {len(boxes)} boxes are {kind}, GIoU is undefined; rows {shown}"
             + (" ..." if len(rows) > 5 else "")
         )

@@ -6,6 +6,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .misc import NonFiniteError
 
 
 class HungarianMatcher(nn.Module):
@@ -57,7 +58,7 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_matrix(stacked, targets).cpu()
         if not bool(torch.isfinite(cost).all()):
             bad = int((~torch.isfinite(cost)).sum())
-            raise ValueError(
+            raise NonFiniteError(
                 f"matcher: {bad} of {cost.numel()} cost entries are NaN or Inf; "
                 "the predictions (pred_logits or pred_boxes) are not finite"
             )

@@ -6,6 +6,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+class NonFiniteError(ValueError):
+    """NaN or Inf where the computation needs finite numbers (boxes, matching costs)."""
+
+
 class NestedTensor:
     """A padded batch: ``tensors`` [B, C, H, W] and ``mask`` [B, H, W], True on padding."""
 

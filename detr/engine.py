@@ -1,0 +1,147 @@
+"""One training epoch and one evaluation pass, with progress lines and honest timers.
+
+``core_time`` covers forward, loss, backward, clipping and the optimizer step only, with the
+device synchronised around it (FlagPerf's p_core); data loading and host copies are outside it.
+"""
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .coco_eval import CocoEvaluator
+from .misc import NonFiniteError
+
+
+def no_sync() -> None:
+    """The CPU needs no synchronisation; accelerators pass their own."""
+
+
+@dataclass
+class EpochStats:
+    samples: int = 0
+    steps: int = 0
+    wall_time: float = 0.0
+    core_time: float = 0.0
+    losses: Dict[str, float] = field(default_factory=dict)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf: training stops at once, naming the step and the terms."""
+
+
+def to_device(samples, targets, device: torch.device):
+    samples = samples.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return samples, targets
+
+
+def weighted_loss(losses: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
+    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)
+
+
+def check_finite(loss: torch.Tensor, losses: Dict[str, torch.Tensor], step: int, epoch: int) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not math.isfinite(v.item()))
+        raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step}; non-finite terms: {terms or 'none (the sum overflowed)'}")
+    return value
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    max_norm: float = 0.1,
+    autocast_dtype: Optional[torch.dtype] = None,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+    synchronize: Callable[[], None] = no_sync,
+    max_steps: Optional[int] = None,
+    log_every: int = 10,
+    log: Callable[[str], None] = print,
+) -> EpochStats:
+    """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps."""
+    model.train()
+    criterion.train()
+    stats = EpochStats()
+    sums: Dict[str, float] = {}
+    total_steps = len(data_loader) if max_steps is None else min(max_steps, len(data_loader))
+    start = time.perf_counter()
+    for step, (samples, targets) in enumerate(data_loader):
+        if step >= total_steps:
+            break
+        samples, targets = to_device(samples, targets, device)
+        synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(samples)
+            try:
+                losses = criterion(outputs, targets)
+            except NonFiniteError as exc:
+                raise NonFiniteLossError(f"epoch {epoch} step {step}: {exc}") from exc
+            loss = weighted_loss(losses, criterion.weight_dict)
+        # Checked before backward, so that a NaN never reaches the weights or a checkpoint.
+        value = check_finite(loss, losses, step, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        synchronize()
+        stats.core_time += time.perf_counter() - t0
+        stats.samples += len(targets)
+        stats.steps += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["loss"] = sums.get("loss", 0.0) + value
+        if log_every and (step % log_every == 0 or step + 1 == total_steps):
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (step + 1) * (total_steps - step - 1)
+            log(
+                f"epoch {epoch} step {step + 1}/{total_steps} loss {value:.4f} "
+                f"(ce {losses['loss_ce'].item():.3f} bbox {losses['loss_bbox'].item():.3f} giou {losses['loss_giou'].item():.3f}) "
+                f"{stats.samples / elapsed:.1f} img/s eta {eta:.0f}s"
+            )
+    stats.wall_time = time.perf_counter() - start
+    stats.losses = {k: v / max(stats.steps, 1) for k, v in sums.items()}
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    postprocess: nn.Module,
+    data_loader: Iterable,
+    coco_gt,
+    device: torch.device,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> Dict[str, object]:
+    """COCO bbox evaluation of the model on ``data_loader``: pycocotools' 12 stats, AP = stats[0]."""
+    model.eval()
+    evaluator = CocoEvaluator(coco_gt)
+    for samples, targets in data_loader:
+        samples = samples.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(samples)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        results = postprocess({k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}, orig_sizes)
+        evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
+    return evaluator.summarize()
+
+
+def log_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
