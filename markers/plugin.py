@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from parity.device import DeviceError, import_plugins, resolve_device
+from parity.faults import parse_faults
 
 MODEL_CONFIGS = ("r50", "tiny")
 PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
@@ -21,6 +22,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--model-config", default="r50", help=f"DETR configuration: {' or '.join(MODEL_CONFIGS)} (default r50)")
     group.addoption("--coco-path", default=None, help="COCO 2017 folder (train2017/, val2017/, annotations/); default: the generated synthetic set")
     group.addoption("--report-dir", default="reports", help="folder for JSON, Markdown and PNG reports (default reports/)")
+    group.addoption("--inject-fault", action="append", default=[], metavar="SPEC", dest="inject_fault",
+                    help="perturb an aten op on the device under test only: <aten op>[.<overload>]:<kind>[=<value>], "
+                         "kinds noise, offset, scale, round=bf16|fp16|tf32, nan, inf, zero, delay; repeatable")
+    group.addoption("--parity-bound", type=float, default=None, metavar="RATIO",
+                    help="error-ratio bound of the parity rule (default: ini parity_bound, else 2 for fp32, 3 otherwise)")
+    parser.addini("parity_bound", "error-ratio bound of the parity rule for every precision (empty: 2 for fp32, 3 otherwise)", default="")
 
 
 def parse_precisions(value: str):
@@ -36,6 +43,19 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--model-config") not in MODEL_CONFIGS:
         raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: expected {' or '.join(MODEL_CONFIGS)}")
     config.detr_precisions = parse_precisions(config.getoption("--precision"))
+    try:
+        config.detr_faults = [f.spec for f in parse_faults(config.getoption("inject_fault"))]
+    except ValueError as exc:
+        raise pytest.UsageError(f"--inject-fault: {exc}") from None
+    bound = config.getoption("--parity-bound")
+    if bound is None and config.getini("parity_bound"):
+        try:
+            bound = float(config.getini("parity_bound"))
+        except ValueError:
+            raise pytest.UsageError(f"ini parity_bound {config.getini('parity_bound')!r}: expected a number") from None
+    if bound is not None and not bound >= 1:
+        raise pytest.UsageError(f"parity bound {bound}: expected a ratio >= 1")
+    config.detr_parity_bound = bound
     coco_path = config.getoption("--coco-path")
     if coco_path is not None and not os.path.isdir(coco_path):
         raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")

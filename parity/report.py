@@ -1,0 +1,175 @@
+"""Parity results as files, written atomically (a temporary file in the same directory, then
+``os.replace``): JSON for machines, Markdown for people, plus one terminal line per
+(part, precision).
+
+A report is ``{"tests": [entry, ...]}``; an entry is :meth:`parity.compare.PartResult.to_dict`:
+``nodeid, part, device, precision, bound, passed, ops_checked, ops_skipped, first_failure`` (a dict
+with ``op, module, phase, shapes, max_abs, max_rel, cosine, rmse, ratio, verdict``, or null),
+``ops`` (one row per replayed op), ``whole_run``, ``end_to_end``, ``faults``, ``notes``.
+Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so the JSON is strict.
+"""
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+MAX_MARKDOWN_ROWS = 40
+
+
+def atomic_write(path: PathLike, text: str) -> Path:
+    """Writes ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _entry(test: Any, nodeid: Optional[str] = None) -> dict:
+    return test.to_dict(nodeid) if hasattr(test, "to_dict") else dict(test)
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def to_json(tests: Iterable[Any]) -> str:
+    """The JSON text of a report; ``tests`` are PartResult-like objects or entry dicts."""
+    return json.dumps({"tests": [_strict(_entry(t)) for t in tests]}, indent=1, allow_nan=False)
+
+
+def write_json(path: PathLike, tests: Iterable[Any]) -> Path:
+    return atomic_write(path, to_json(tests))
+
+
+def load_json(path: PathLike) -> Dict[str, List[dict]]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}g}"
+
+
+def _cos(value: Any) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else _num(value)
+
+
+def _cell(text: Any) -> str:
+    return str(text if text not in (None, "") else "-").replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(tests: Iterable[Any], title: str = "Parity report") -> str:
+    """Summary table, then per test the first failure, notes, and the worst ops."""
+    entries = [_entry(t) for t in tests]
+    lines = [f"# {title}", "", "| test | part | device | precision | result | ops checked | worst ratio | first failure |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        worst = _worst_row(e)
+        fail = e.get("first_failure")
+        lines.append("| " + " | ".join(_cell(v) for v in (
+            e.get("nodeid"), e.get("part"), e.get("device"), e.get("precision"),
+            "pass" if e.get("passed") else "**FAIL**", e.get("ops_checked"),
+            f"{_num(worst.get('ratio'))} ({worst.get('overload')})" if worst else None,
+            f"{fail.get('overload') or fail.get('module')}: {fail.get('verdict')}" if fail else None)) + " |")
+    for e in entries:
+        lines += ["", f"## {e.get('part')} ({e.get('precision')} on {e.get('device')})", ""]
+        if e.get("nodeid"):
+            lines.append(f"Test: `{e['nodeid']}`")
+        fail = e.get("first_failure")
+        if fail:
+            lines += ["", f"**First failure** ({fail.get('source', 'replay')}): `{fail.get('overload')}` "
+                          f"({fail.get('phase')}) in `{fail.get('module')}`, shapes `{fail.get('shapes')}`: "
+                          f"{fail.get('verdict')}. max abs {_num(fail.get('max_abs'))}, max rel "
+                          f"{_num(fail.get('max_rel'))}, cosine {_cos(fail.get('cosine'))}, rmse "
+                          f"{_num(fail.get('rmse'))}, error ratio {_num(fail.get('ratio'))}."]
+        for f in e.get("faults") or []:
+            lines.append(f"- injected fault `{f['spec']}` fired {f['fired']} time(s)")
+        for n in e.get("notes") or []:
+            lines.append(f"- note: {n}")
+        rows = _interesting_rows(e.get("ops") or [])
+        if rows:
+            lines += ["", "| # | op | module | phase | shapes | max abs | max rel | cosine | ratio | verdict |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in rows:
+                lines.append("| " + " | ".join(_cell(v) for v in (
+                    r.get("index"), r.get("overload"), r.get("module"), r.get("phase"), r.get("shapes"),
+                    _num(r.get("max_abs")), _num(r.get("max_rel")), _cos(r.get("cosine")), _num(r.get("ratio")),
+                    r.get("verdict"))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict) -> float:
+    value = row.get("ratio")
+    if isinstance(value, str):
+        return math.inf if value == "inf" else -1.0
+    return -1.0 if value is None else value
+
+
+def _worst_row(entry: dict) -> Optional[dict]:
+    rows = [r for r in entry.get("ops") or [] if r.get("status") != "skipped"]
+    return max(rows, key=_ratio, default=None)
+
+
+def _interesting_rows(rows: List[dict]) -> List[dict]:
+    """Failing ops first (in order), then the largest ratios, at most MAX_MARKDOWN_ROWS."""
+    failing = [r for r in rows if r.get("status") == "fail"]
+    rest = sorted((r for r in rows if r.get("status") == "pass"), key=_ratio, reverse=True)
+    return (failing + rest)[:MAX_MARKDOWN_ROWS]
+
+
+def write_markdown(path: PathLike, tests: Iterable[Any], title: str = "Parity report") -> Path:
+    return atomic_write(path, to_markdown(tests, title))
+
+
+def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity") -> Dict[str, Path]:
+    """Writes ``<name>.json`` and ``<name>.md`` under ``directory``; returns their paths."""
+    tests = [_entry(t) for t in tests]
+    directory = Path(directory)
+    return {"json": write_json(directory / f"{name}.json", tests),
+            "markdown": write_markdown(directory / f"{name}.md", tests)}
+
+
+def summary_lines(tests: Iterable[Any]) -> List[str]:
+    """One line per (part, precision): ops checked, worst error ratio and its op, first failure."""
+    groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for t in tests:
+        e = _entry(t)
+        groups.setdefault((e.get("part"), e.get("precision")), []).append(e)
+    lines = []
+    for (part, precision), entries in groups.items():
+        checked = sum(e.get("ops_checked") or 0 for e in entries)
+        worst = max((w for w in map(_worst_row, entries) if w), key=_ratio, default=None)
+        fail = next((e["first_failure"] for e in entries if e.get("first_failure")), None)
+        status = "PASS" if all(e.get("passed") for e in entries) else "FAIL"
+        line = f"{status} {part} [{precision}]: {checked} ops checked"
+        if worst:
+            line += f", worst ratio {_num(worst.get('ratio'))} ({worst.get('overload')} in {worst.get('module')})"
+        line += (f", first failure: {fail.get('overload') or fail.get('module')} in {fail.get('module')}: "
+                 f"{fail.get('verdict')}") if fail else ", no failure"
+        lines.append(line)
+    return lines

@@ -1,0 +1,115 @@
+"""Op capture: forward and backward aten ops in order, with module paths and CPU copies."""
+import pytest
+import torch
+
+from parity.capture import KEEP, capture
+
+
+class Block(torch.nn.Module):
+    """conv -> relu -> layer norm -> self-attention -> linear; [B, 3, H, W] -> [B, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.norm = torch.nn.LayerNorm(8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = self.norm(self.act(self.conv(x)).flatten(2).transpose(1, 2))
+        a, _ = self.attn(f, f, f)
+        return self.head(f + a).mean(1)
+
+
+def run_block(keep="tensors"):
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(2, 3, 5, 5)
+    grad = torch.randn(2, 4)
+
+    def step():
+        out = model(x)
+        out.backward(grad)
+        return out
+
+    return model, capture(step, root_module=model, keep=keep)
+
+
+def test_forward_then_backward_in_order_with_modules():
+    _, (out, trace) = run_block()
+    assert [r.index for r in trace] == list(range(len(trace)))
+    phases = [r.phase for r in trace]
+    assert phases == sorted(phases, key=lambda p: p == "backward"), "forward ops must all come first"
+    where = {(r.overload, r.phase): r.module for r in trace}
+    assert where[("aten.convolution.default", "forward")] == "conv"
+    assert where[("aten.relu.default", "forward")] == "act"
+    assert where[("aten.native_layer_norm.default", "forward")] == "norm"
+    assert where[("aten._softmax.default", "forward")] == "attn"
+    assert where[("aten.addmm.default", "forward")] in ("attn", "head")
+    assert where[("aten.convolution_backward.default", "backward")] == "conv"
+    assert where[("aten.threshold_backward.default", "backward")] == "act"
+    assert where[("aten.native_layer_norm_backward.default", "backward")] == "norm"
+    assert where[("aten._softmax_backward_data.default", "backward")] == "attn"
+    head_backward = [r for r in trace.find("aten.mm") if r.phase == "backward" and r.module == "head"]
+    assert len(head_backward) == 2 and all(r.node == "AddmmBackward0" for r in head_backward)
+    residual = [r for r in trace.phase("forward").find("aten.add.Tensor") if r.input_meta[0] == r.input_meta[1]]
+    assert [r.module for r in residual] == ["(root)"], "the residual add runs in the root module itself"
+
+
+def test_records_hold_cpu_copies_of_inputs_and_outputs():
+    model, (out, trace) = run_block()
+    last_forward = trace.phase("forward").find("aten.mean")[-1]
+    torch.testing.assert_close(last_forward.outputs[0], out.detach(), rtol=0, atol=0)
+    conv = trace.find("aten.convolution")[0]
+    torch.testing.assert_close(conv.args[1], model.conv.weight.detach(), rtol=0, atol=0)
+    assert conv.args[1] is not model.conv.weight and conv.args[1].device.type == "cpu"
+    ln = trace.find("aten.native_layer_norm")[0]
+    assert len(ln.outputs) == 3 and [m.shape for m in ln.output_meta] == [(2, 25, 8), (2, 25, 1), (2, 25, 1)]
+    assert ln.shapes == "[2,25,8] float32, [8] float32, [8] float32 -> [2,25,8] float32, [2,25,1] float32, [2,25,1] float32"
+
+
+def test_keep_modes_bound_memory():
+    _, (_, outputs_only) = run_block(keep="outputs")
+    assert all(r.args is None and r.outputs is not None for r in outputs_only)
+    _, (_, stats) = run_block(keep="stats")
+    assert all(r.args is None and r.outputs is None and r.stats for r in stats)
+    _, (_, full) = run_block()
+    relu = full.find("aten.relu")[0].outputs[0]
+    s = stats.find("aten.relu")[0].stats[0]
+    assert s.numel == relu.numel() and s.abs_max == pytest.approx(float(relu.abs().max()))
+    assert s.rms == pytest.approx(float(relu.double().square().mean().sqrt())) and s.nan == s.inf == 0
+    with pytest.raises(ValueError, match="accepted: " + ", ".join(KEEP)):
+        capture(lambda: None, keep="all")
+
+
+def test_views_and_uninitialised_memory_are_not_recorded_and_inputs_are_taken_before_mutation():
+    x = torch.arange(6.0)
+
+    def fn():
+        y = x.view(2, 3).t()
+        garbage = torch.empty(4)  # noqa: F841
+        z = y.clone()
+        z.add_(1)
+        return z
+
+    _, trace = capture(fn)
+    assert [r.overload for r in trace] == ["aten.clone.default", "aten.add_.Tensor"]
+    add = trace[1]
+    torch.testing.assert_close(add.args[0], x.view(2, 3).t(), rtol=0, atol=0)
+    torch.testing.assert_close(add.outputs[0], x.view(2, 3).t() + 1, rtol=0, atol=0)
+
+
+def test_ops_outside_any_module_and_without_root():
+    lin = torch.nn.Linear(3, 2)
+    _, trace = capture(lambda: lin(torch.ones(1, 3)).sum())
+    assert trace.find("aten.addmm")[0].module == "Linear"
+    assert trace.find("aten.sum")[0].module == "(outside)"
+
+
+def test_random_ops_are_flagged_unless_their_randomness_is_off():
+    q = torch.randn(1, 2, 4, 8)
+    f = torch.nn.functional
+    _, trace = capture(lambda: (f.scaled_dot_product_attention(q, q, q, dropout_p=0.0), f.dropout(q, 0.5)))
+    flagged = {r.overload: r.random for r in trace}
+    assert not any(v for k, v in flagged.items() if "scaled_dot_product" in k), flagged
+    assert any(v for k, v in flagged.items() if "bernoulli" in k or "dropout" in k), flagged

@@ -1,0 +1,148 @@
+"""compare_part end to end with the CPU as the device under test: clean runs pass in every
+precision, and each injected fault is caught with the faulted op named as the first failure."""
+import pytest
+import torch
+
+from parity.compare import compare_part
+
+
+class Block(torch.nn.Module):
+    """conv -> relu -> layer norm -> self-attention -> linear; [B, 3, H, W] -> [B, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.norm = torch.nn.LayerNorm(8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = self.norm(self.act(self.conv(x)).flatten(2).transpose(1, 2))
+        a, _ = self.attn(f, f, f)
+        return self.head(f + a).mean(1)
+
+
+def build_block():
+    torch.manual_seed(0)
+    return Block()
+
+
+def build_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+IMAGES = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+FEATURES = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+TARGETS = torch.tensor([0, 2, 1, 1, 0])
+
+
+def block_outputs(model, x):
+    return model(x)
+
+
+def mlp_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def check_block(precision="fp32", faults=(), **kw):
+    return compare_part("block", build_block, IMAGES, block_outputs, "cpu", precision, faults, **kw)
+
+
+@pytest.mark.parametrize("name", ["fp32", "tf32", "amp", "fp16", "bf16"])
+def test_clean_run_passes(name):
+    result = check_block(name)
+    assert result.passed, result.failure_message("clean")
+    assert result.first_failure is None and result.failure_message() == ""
+    assert result.ops_checked == len(result.rows()) > 40
+    phases = {r["phase"] for r in result.rows()}
+    assert phases == {"forward", "backward"}
+    assert result.worst().ratio <= result.bound
+    assert result.whole_run.diverged is None and result.whole_run.aligned > 40
+    assert all(e.judgement.passed for e in result.end_to_end) and len(result.end_to_end) > 5
+
+
+def test_mlp_scalar_loss_passes_and_covers_backward():
+    result = compare_part("mlp", build_mlp, (FEATURES, TARGETS), mlp_loss, "cpu", "fp32")
+    assert result.passed, result.failure_message()
+    ops = {r["overload"] for r in result.rows() if r["phase"] == "backward"}
+    assert {"aten._log_softmax_backward_data.default", "aten.threshold_backward.default", "aten.mm.default"} <= ops
+    assert {e.name for e in result.end_to_end} >= {"output", "grad 0.weight", "grad 2.bias"}
+
+
+# (fault, expected first failing op, its module, phase)
+CATALOGUE = [
+    ("aten._softmax:noise=1e-3", "aten._softmax.default", "attn", "forward"),
+    ("aten.softmax:scale=1.01", "aten._softmax.default", "attn", "forward"),
+    ("aten.addmm:round=bf16", "aten.addmm.default", "attn", "forward"),
+    ("aten.native_layer_norm:nan", "aten.native_layer_norm.default", "norm", "forward"),
+    ("aten.native_layer_norm:inf", "aten.native_layer_norm.default", "norm", "forward"),
+    ("aten.convolution:scale=1.001", "aten.convolution.default", "conv", "forward"),
+    ("aten.relu:zero=0.1", "aten.relu.default", "act", "forward"),
+    ("aten.bmm:round=tf32", "aten.bmm.default", "attn", "forward"),
+    ("aten.mean.dim:noise=1e-4", "aten.mean.dim", "attn", "forward"),
+    ("aten.mm:round=tf32", "aten.mm.default", "attn", "forward"),
+    ("aten.convolution_backward:offset=1e-3", "aten.convolution_backward.default", "conv", "backward"),
+    ("aten.native_layer_norm_backward:offset=1e-4", "aten.native_layer_norm_backward.default", "norm", "backward"),
+    ("aten.threshold_backward:zero", "aten.threshold_backward.default", "act", "backward"),
+    ("aten.sum.dim_IntList:scale=1.0001", "aten.sum.dim_IntList", "head", "backward"),
+    ("aten._softmax_backward_data:noise=1e-3", "aten._softmax_backward_data.default", "attn", "backward"),
+]
+
+
+@pytest.mark.parametrize("spec, op, module, phase", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_fault_is_detected_and_localised(spec, op, module, phase):
+    result = check_block("fp32", [spec])
+    assert not result.passed
+    fail = result.first_failure
+    assert (fail["overload"], fail["module"], fail["phase"]) == (op, module, phase), fail
+    assert fail["source"] == "isolated replay" and fail["verdict"].startswith("fail: ")
+    failing = [r for r in result.rows() if r["status"] == "fail"]
+    assert all(r["overload"] == op and spec in r["faults"] for r in failing), "only the faulted op may fail"
+    message = result.failure_message("tests/x.py::test_block")
+    assert op in message and module in message and "error ratio" in message or "NaN" in message or "Inf" in message
+    assert f"--inject-fault '{spec}'" in message and "pytest 'tests/x.py::test_block' --xpu cpu --precision fp32" in message
+    assert result.faults[0].fired >= 2, "fired in the device run and in replay"
+
+
+def test_bf16_fault_is_detected_in_reduced_precision():
+    result = check_block("bf16", ["aten.convolution:scale=1.03"])
+    assert not result.passed and result.first_failure["overload"] == "aten.convolution.default"
+
+
+def test_whole_run_shows_error_accumulating_after_the_fault():
+    result = check_block("fp32", ["aten.convolution:scale=1.001"])
+    rows = result.whole_run.rows
+    assert rows[0]["overload"] == "aten.convolution.default" and rows[0]["verdict"].startswith("fail")
+    later = [r for r in rows[1:] if r["phase"] == "forward" and r["ratio"] is not None]
+    assert any(r["ratio"] > result.bound for r in later), "downstream ops inherit the error"
+    replayed = {r["overload"]: r["status"] for r in result.rows() if r["phase"] == "forward"}
+    assert replayed["aten.native_layer_norm.default"] == "pass", "isolated replay does not blame heirs"
+
+
+def test_fault_on_an_op_that_never_runs_is_reported_not_failed():
+    result = check_block("fp32", ["aten.upsample_bilinear2d:nan", "aten.addmm:delay=0.001"])
+    assert result.passed
+    assert result.never_fired == ["aten.upsample_bilinear2d:nan"]
+    assert any("never fired" in n and "aten.upsample_bilinear2d:nan" in n for n in result.notes)
+    assert result.faults[1].fired > 0
+
+
+def test_bound_is_configurable():
+    result = check_block("fp32", ["aten.convolution:scale=1.001"], bound=1e9)
+    assert result.passed and result.bound == 1e9
+
+
+def test_dropout_is_skipped_in_replay_and_noted():
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(0.5))
+
+    result = compare_part("dropout", build, FEATURES, lambda m, x: m(x).square().sum(), "cpu", "fp32",
+                          whole_run=False)
+    skipped = [r for r in result.rows() if r["status"] == "skipped"]
+    assert skipped and {r["op"] for r in skipped} <= {"aten.native_dropout", "aten.bernoulli", "aten.bernoulli_"}
+    assert "random op" in skipped[0]["verdict"] and any("skipped in replay" in n for n in result.notes)
+    assert result.replay.passed

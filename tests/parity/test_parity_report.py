@@ -1,0 +1,73 @@
+"""Reports: atomic JSON and Markdown files that load back, and terminal summary lines."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from parity.compare import compare_part
+from parity.report import atomic_write, load_json, summary_lines, to_json, write_report
+
+ENTRY_KEYS = {"nodeid", "part", "device", "precision", "passed", "ops_checked", "first_failure", "ops", "whole_run"}
+FAILURE_KEYS = {"op", "module", "phase", "shapes", "max_abs", "max_rel", "cosine", "rmse", "ratio", "verdict"}
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+
+
+@pytest.fixture(scope="module")
+def results():
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    run = lambda m, x: m(x).sum()  # noqa: E731
+    clean = compare_part("mlp", build, x, run, "cpu", "fp32")
+    broken = compare_part("mlp", build, x, run, "cpu", "bf16", ["aten.native_layer_norm:nan"])
+    return clean, broken
+
+
+def test_json_and_markdown_are_written_and_load(tmp_path, results):
+    clean, broken = results
+    paths = write_report(tmp_path / "reports", [clean.to_dict("t::clean"), broken.to_dict("t::broken")])
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["parity.json", "parity.md"]
+    data = load_json(paths["json"])
+    first, second = data["tests"]
+    assert ENTRY_KEYS <= set(first) and first["nodeid"] == "t::clean" and first["passed"] is True
+    assert first["first_failure"] is None and first["ops_checked"] == len(first["ops"]) > 5
+    assert second["passed"] is False and FAILURE_KEYS <= set(second["first_failure"])
+    assert second["first_failure"]["op"] == "aten.native_layer_norm" and second["first_failure"]["module"] == "1"
+    assert "NaN at 1 position" in second["first_failure"]["verdict"]
+    assert second["faults"] == [{"spec": "aten.native_layer_norm:nan", "fired": second["faults"][0]["fired"]}]
+    assert second["whole_run"]["aligned"] > 0
+    markdown = paths["markdown"].read_text()
+    assert "**FAIL**" in markdown and "aten.native_layer_norm.default" in markdown and "t::broken" in markdown
+
+
+def test_json_is_strict_even_with_infinite_ratios():
+    text = to_json([{"part": "x", "ops": [{"ratio": math.inf, "rmse": math.nan}]}])
+    assert json.loads(text)["tests"][0]["ops"][0] == {"ratio": "inf", "rmse": "nan"}
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    atomic_write(target, "old")
+    atomic_write(target, "new")
+    assert target.read_text() == "new"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, "partial")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_summary_line_per_part_and_precision(results):
+    clean, broken = results
+    lines = summary_lines([clean, broken])
+    assert len(lines) == 2
+    assert lines[0].startswith("PASS mlp [fp32]: ") and "ops checked, worst ratio" in lines[0] and "no failure" in lines[0]
+    assert lines[1].startswith("FAIL mlp [bf16]: ")
+    assert "first failure: aten.native_layer_norm.default in 1: fail: NaN" in lines[1]

@@ -1,0 +1,109 @@
+"""The suite proves its own power: faults shaped like real backend bugs, injected into the device
+run of each DETR part, must fail that part and be localised to the faulted op; the same parts
+without a fault must pass. The detection rate is printed at the end."""
+import pytest
+import torch
+
+import detr
+from detr.misc import nested_tensor_from_tensor_list
+from fixtures.models import make_batch
+from parity.compare import compare_part
+from suite.test_backbone import PixelsAsParameter
+from suite.test_criterion import PredictionsAsParameters
+from suite.test_heads import Heads
+from suite.test_matcher import CostMatrix
+from suite.test_position_encoding import EncodeFeatureMap
+from suite.test_train_step import DetrWithCriterion, train_steps
+from suite.test_transformer import TransformerOnFeatures
+
+# (what the bug looks like, part, fault spec, op the report must name first, phase, module prefix)
+CATALOGUE = [
+    ("convolution computed in bf16", "backbone", "aten.convolution:round=bf16", "aten.convolution", "forward", "backbone.0.body"),
+    ("frozen batch norm with a wrong epsilon", "backbone", "aten.rsqrt:scale=1.001", "aten.rsqrt", "forward", "backbone.0.body.bn1"),
+    ("max-pool returns shifted values", "backbone", "aten.max_pool2d_with_indices:offset=1e-3", "aten.max_pool2d_with_indices", "forward", "backbone.0.body.maxpool"),
+    ("noisy convolution weight gradient", "backbone", "aten.convolution_backward:noise=1e-3", "aten.convolution_backward", "backward", "backbone.0.body"),
+    ("inaccurate sine", "position", "aten.sin:noise=1e-4", "aten.sin", "forward", "encoding"),
+    ("cumulative sum off by one", "position", "aten.cumsum:offset=1", "aten.cumsum", "forward", "encoding"),
+    ("attention softmax in bf16", "transformer", "aten._softmax:round=bf16", "aten._softmax", "forward", "transformer.encoder.layers.0.self_attn"),
+    ("TF32 attention matmul", "transformer", "aten.bmm:round=tf32", "aten.bmm", "forward", "transformer.encoder.layers.0.self_attn"),
+    ("TF32 linear layers", "transformer", "aten.addmm:round=tf32", "aten.addmm", "forward", "transformer.encoder.layers.0"),
+    ("noisy layer norm", "transformer", "aten.native_layer_norm:noise=1e-4", "aten.native_layer_norm", "forward", "transformer.encoder.layers.0.norm1"),
+    ("NaN from layer norm", "transformer", "aten.native_layer_norm:nan", "aten.native_layer_norm", "forward", "transformer.encoder.layers.0.norm1"),
+    ("noisy softmax backward", "transformer", "aten._softmax_backward_data:noise=1e-3", "aten._softmax_backward_data", "backward", "transformer.decoder"),
+    ("layer norm backward with an offset", "transformer", "aten.native_layer_norm_backward:offset=1e-4", "aten.native_layer_norm_backward", "backward", "transformer.decoder"),
+    ("ReLU backward drops gradients", "transformer", "aten.threshold_backward:zero=0.1", "aten.threshold_backward", "backward", "transformer.decoder"),
+    ("L1 cost distance scaled", "matcher", "aten._cdist_forward:scale=1.001", "aten._cdist_forward", "forward", "(root)"),
+    ("GIoU clamp with an offset", "matcher", "aten.clamp:offset=1e-3", "aten.clamp", "forward", "(root)"),
+    ("log-softmax of the class loss in fp16", "criterion", "aten._log_softmax:round=fp16", "aten._log_softmax", "forward", "criterion"),
+    ("biased reduction", "criterion", "aten.sum:scale=1.0001", "aten.sum", "forward", "criterion"),
+    ("noisy NLL backward", "criterion", "aten.nll_loss2d_backward:noise=1e-3", "aten.nll_loss2d_backward", "backward", "criterion"),
+    ("inaccurate sigmoid of the box head", "heads", "aten.sigmoid:noise=1e-4", "aten.sigmoid", "forward", "(root)"),
+    ("AdamW update scaled", "train step", "aten.addcdiv_:scale=1.001", "aten.addcdiv_", "forward", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """part name -> (module, inputs, run) on the tiny model with small images of two sizes."""
+    torch.manual_seed(0)
+    model, criterion, _ = detr.build("tiny")
+    model.eval()
+    images, targets = make_batch(sizes=((96, 128), (128, 96)))
+    padded = nested_tensor_from_tensor_list(images)
+    with torch.no_grad():
+        feature = model.backbone[0](padded)["0"]
+        features, pos = model.backbone(padded)
+        src = model.input_proj(features[-1].tensors)
+        hs = model.transformer(src, features[-1].mask, model.query_embed.weight, pos[-1])[0]
+        outputs = model(images)
+    predictions = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+    call = lambda m, _: m()  # noqa: E731
+    return {
+        "backbone": (PixelsAsParameter(model.backbone, padded), (), call),
+        "position": (EncodeFeatureMap(model.backbone[1], feature.tensors, feature.mask), (), call),
+        "transformer": (TransformerOnFeatures(model, src, features[-1].mask, pos[-1]), (), call),
+        "matcher": (CostMatrix(criterion.matcher, predictions), list(targets), lambda m, t: m(t)),
+        "criterion": (PredictionsAsParameters(criterion, outputs), list(targets), lambda m, t: m(t)),
+        "heads": (Heads(model, hs), (), call),
+        "train step": (DetrWithCriterion(model, criterion), (images, list(targets)), train_steps(1)),
+    }
+
+
+@pytest.fixture(scope="module")
+def tally(request):
+    results = []
+    yield results
+    caught = sum(r == "caught" for r in results)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and results:
+        reporter.write_line(f"\nfault catalogue: {caught}/{len(results)} faults detected and localised to the faulted op")
+
+
+def check(parts, part, faults=()):
+    module, inputs, run = parts[part]
+    return compare_part(part, module, inputs, run, "cpu", "fp32", faults=faults, whole_run=False)
+
+
+@pytest.mark.parametrize("part", ["backbone", "position", "transformer", "matcher", "criterion", "heads", "train step"])
+def test_clean_parts_pass(parts, part):
+    result = check(parts, part)
+    assert result.passed, result.failure_message()
+    assert result.ops_checked > 0
+
+
+@pytest.mark.parametrize("bug, part, spec, op, phase, module", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_fault_is_caught_and_localised(parts, tally, bug, part, spec, op, phase, module):
+    tally.append("missed")
+    result = check(parts, part, [spec])
+    assert result.never_fired == [], f"{spec} never ran in {part}"
+    assert not result.passed, f"{bug} ({spec}) went unnoticed in {part}"
+    first = result.first_failure
+    assert (first["op"], first["phase"]) == (op, phase), result.failure_message()
+    assert first["module"].startswith(module), result.failure_message()
+    tally[-1] = "caught"
+
+
+def test_catalogue_covers_every_part_and_both_phases():
+    assert len(CATALOGUE) >= 15
+    assert {c[1] for c in CATALOGUE} >= {"backbone", "position", "transformer", "matcher", "criterion"}
+    assert {c[4] for c in CATALOGUE} == {"forward", "backward"}
