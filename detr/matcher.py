@@ -31,10 +31,12 @@ class HungarianMatcher(nn.Module):
         N may be a multiple of len(targets) (several layers stacked); each target set then repeats.
         """
         n, num_queries = outputs["pred_logits"].shape[:2]
-        out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
-        out_bbox = outputs["pred_boxes"].flatten(0, 1)
+        # At least float32: half-precision costs make ties, and the CPU has no half cdist.
+        dtype = torch.promote_types(outputs["pred_logits"].dtype, torch.float32)
+        out_prob = outputs["pred_logits"].flatten(0, 1).to(dtype).softmax(-1)
+        out_bbox = outputs["pred_boxes"].flatten(0, 1).to(dtype)
         tgt_ids = torch.cat([v["labels"] for v in targets])
-        tgt_bbox = torch.cat([v["boxes"] for v in targets])
+        tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(dtype)
         cost_class = -out_prob[:, tgt_ids]
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))

@@ -1,6 +1,7 @@
 """Command-line options of the suite, their validation (bad values are usage errors, exit 4),
 and the hooks that apply markers."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,24 @@ def parse_precisions(value: str):
     return names
 
 
+def registered_markers(config: pytest.Config) -> set:
+    return {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
+
+
+def check_mark_expression(config: pytest.Config) -> None:
+    """A marker name in ``-m`` that nobody registered selects nothing, silently: say so instead."""
+    expression = config.getoption("markexpr") or ""
+    names = set(re.findall(r"[A-Za-z0-9_]+", expression)) - {"and", "or", "not", "True", "False"}
+    unknown = sorted(names - registered_markers(config))
+    if unknown:
+        raise pytest.UsageError(
+            f"-m {expression!r}: unknown marker(s) {', '.join(unknown)}; registered: {', '.join(sorted(registered_markers(config)))}"
+        )
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    check_mark_expression(config)
     if config.getoption("--model-config") not in MODEL_CONFIGS:
         raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: expected {' or '.join(MODEL_CONFIGS)}")
     config.detr_precisions = parse_precisions(config.getoption("--precision"))

@@ -213,7 +213,7 @@ def _end_to_end(golden: _Run, baseline: _Run, device: _Run, bound: float) -> Lis
 def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Module], inputs: Any,
                  run: RunFn, device: Union[str, torch.device], precision: Union[str, Precision],
                  faults: Sequence[Union[str, FaultSpec]] = (), bound: Optional[float] = None, *,
-                 seed: int = 0, keep: str = "outputs", whole_run: bool = True) -> PartResult:
+                 seed: int = 0, keep: str = "outputs", whole_run: bool = True, replay_ops: bool = True) -> PartResult:
     """Checks one part on ``device`` in ``precision``.
 
     ``build`` makes the module (or is it); its weights are copied into a float64 CPU golden, a CPU
@@ -222,6 +222,8 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     (from 1 for a scalar, else from fixed random gradients). ``faults`` perturb only the device's run
     and its replayed ops. ``bound`` defaults to ``precision.default_bound``. ``keep`` is what the
     golden and device traces hold for the whole-run comparison (``"outputs"`` or ``"stats"``).
+    ``replay_ops=False`` skips isolated replay: only the final outputs and gradients (and the
+    whole run, if asked) are judged, for long runs whose every op another check already replays.
     """
     device = torch.device(device)
     precision = precision if isinstance(precision, Precision) else Precision(precision)
@@ -237,12 +239,13 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
                       Precision("fp32").backend(cpu), contextlib.nullcontext(), seed, trace_keep, ())
     base_module, base_inputs = precision.prepare(copy.deepcopy(source), inputs, cpu)
     baseline = _execute(base_module, base_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
-                        precision.autocast(cpu, precision.autocast_dtype(device)), seed, "tensors", ())
+                        precision.autocast(cpu, precision.autocast_dtype(device)), seed,
+                        "tensors" if replay_ops else trace_keep, ())
     dev_module, dev_inputs = precision.prepare(copy.deepcopy(source), inputs, device)
     dut = _execute(dev_module, dev_inputs, run, device, precision.backend(device), precision.autocast(device),
                    seed, trace_keep, faults)
 
-    replayed = replay(baseline.trace, device, precision, bound, faults)
+    replayed = replay(baseline.trace, device, precision, bound, faults) if replay_ops else ReplayResult([])
     whole = compare_runs(golden.trace, baseline.trace, dut.trace, bound) if whole_run else None
     notes = []
     if replayed.skipped:

@@ -1,0 +1,46 @@
+"""The suite's command line: bad values are usage errors (exit 4) that say what is accepted."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--xpu", "tpu9"], "--xpu 'tpu9' is not a torch device"),
+    (["--xpu", "mps"], "device type 'mps' is not available here"),
+    (["--xpu-plugin", "torch_nosuchvendor"], "--xpu-plugin torch_nosuchvendor: import failed with ModuleNotFoundError"),
+    (["--precision", "fp32,fp8"], "--precision 'fp32,fp8': expected a comma-separated list of fp32, tf32, amp, fp16, bf16"),
+    (["--model-config", "r101"], "--model-config 'r101': expected r50 or tiny"),
+    (["--coco-path", "/nonexistent/coco"], "--coco-path '/nonexistent/coco': no such folder"),
+    (["--inject-fault", "aten.softmax:wobble"], "unknown kind 'wobble'"),
+    (["--inject-fault", "softmax:nan"], "must be <namespace>.<op>[.<overload>]"),
+    (["--parity-bound", "0.5"], "parity bound 0.5: expected a ratio >= 1"),
+    (["-m", "xpu and 3x8"], "3x8"),
+])
+def test_bad_values_are_usage_errors(args, message):
+    result = pytest_run(*args)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert message in result.stderr
+
+
+def test_topology_markers_select_by_expression():
+    result = pytest_run("-m", "training and 2x8")
+    assert result.returncode in (0, 5), result.stderr
+    assert "error" not in result.stderr.lower()
+
+
+def test_node_ids_do_not_depend_on_the_start_folder(tmp_path):
+    from_root = pytest_run("-m", "parity", "--model-config", "tiny", "suite/test_heads.py")
+    from_suite = pytest_run("-m", "parity", "--model-config", "tiny", "test_heads.py", cwd=ROOT / "suite")
+    assert from_root.returncode == from_suite.returncode == 0, from_root.stderr + from_suite.stderr
+    ids = [line for line in from_root.stdout.splitlines() if "::" in line]
+    assert ids and ids == [line for line in from_suite.stdout.splitlines() if "::" in line]
+    assert ids[0].startswith("suite/test_heads.py::")

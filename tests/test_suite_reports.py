@@ -1,0 +1,39 @@
+"""The conformance suite as a user runs it: a clean part passes, an injected fault fails it with
+the op named in the message, the terminal summary and the JSON and Markdown reports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_suite(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "suite/test_heads.py", "-k", "postprocess",
+         "--xpu", "cpu", "--model-config", "tiny", "--report-dir", str(tmp_path), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_clean_run_passes_and_reports(tmp_path):
+    result = run_suite(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "PASS postprocess [fp32]" in result.stdout
+    report = json.loads((tmp_path / "parity.json").read_text())
+    (entry,) = report["tests"]
+    assert entry["nodeid"] == "suite/test_heads.py::test_postprocess[fp32]"
+    assert entry["passed"] is True and entry["first_failure"] is None and entry["ops_checked"] > 0
+    assert {"op", "module", "shapes", "verdict"} <= set(entry["ops"][0])
+    assert "postprocess" in (tmp_path / "parity.md").read_text()
+
+
+def test_injected_fault_fails_naming_the_op(tmp_path):
+    result = run_suite(tmp_path, "--inject-fault", "aten._softmax:round=bf16")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "first failing op: #0 aten._softmax.default (forward)" in result.stdout
+    assert "re-run: pytest 'suite/test_heads.py::test_postprocess[fp32]' --xpu cpu" in result.stdout
+    assert "FAIL postprocess [fp32]" in result.stdout
+    (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
+    assert entry["passed"] is False
+    assert entry["first_failure"]["op"] == "aten._softmax" and entry["first_failure"]["verdict"].startswith("fail")
