@@ -1,0 +1,1 @@
+"""Tests of the parity engine on small models."""
