@@ -102,23 +102,7 @@ def compare(actual: torch.Tensor, golden: torch.Tensor, mask: Optional[torch.Ten
     keep = torch.isfinite(a) & torch.isfinite(g)
     if mask is not None:
         keep &= mask.reshape(-1).cpu()
-    a, g = a[keep], g[keep]
-    if a.numel() == 0:
-        return TensorMetrics(0.0, 0.0, 1.0, 0.0, 0)
-    diff = (a - g).abs()
-    floor = max(REL_FLOOR * float(g.abs().max()), torch.finfo(torch.float64).tiny)
-    norms = float(a.norm()) * float(g.norm())
-    if norms > 0:
-        cosine = float(a.dot(g)) / norms
-    else:
-        cosine = 1.0 if float(a.abs().max()) == float(g.abs().max()) == 0.0 else 0.0
-    return TensorMetrics(
-        max_abs=float(diff.max()),
-        max_rel=float((diff / g.abs().clamp_min(floor)).max()),
-        cosine=max(-1.0, min(1.0, cosine)),
-        rmse=float(diff.square().mean().sqrt()),
-        compared=int(a.numel()),
-    )
+    return compare_finite(a[keep].numpy(), g[keep].numpy())
 
 
 def mismatches(actual: torch.Tensor, golden: torch.Tensor) -> int:

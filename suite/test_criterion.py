@@ -26,7 +26,7 @@ class PredictionsAsParameters(nn.Module):
         }
         losses = self.criterion(outputs, targets)
         total = sum(losses[k] * w for k, w in self.criterion.weight_dict.items())
-        return {"total": total, **{k: v.detach() if not v.requires_grad else v for k, v in losses.items()}}
+        return {"total": total, **losses}
 
 
 def test_criterion(check_part, detr_parts, eval_model, batch, precision):

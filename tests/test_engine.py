@@ -14,7 +14,6 @@ from detr.engine import NonFiniteLossError, evaluate, train_one_epoch
 from detr.misc import collate_fn
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(scales=[128], max_size=160, val_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +21,9 @@ def coco_dir(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("synthetic"), seed=3, num_train=8, num_val=4, max_size=192)
 
 
-def fixed_loader(coco_dir, image_set="val", batch_size=4):
-    # The evaluation transform on training data: the same 4 images every step, so the loss must fall.
-    dataset = build_dataset(image_set, coco_dir, scales=[128], max_size=160, val_size=128) if image_set == "train" else build_dataset(image_set, coco_dir, max_size=160, val_size=128)
+def fixed_loader(coco_dir, batch_size=4):
+    # The deterministic evaluation transform: the same 4 images every step, so the loss must fall.
+    dataset = build_dataset("val", coco_dir, max_size=160, val_size=128)
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
 
 
