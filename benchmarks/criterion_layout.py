@@ -14,6 +14,7 @@ import torch
 
 import detr
 from detr import box_ops
+from detr.engine import weighted_loss
 from fixtures.models import make_batch
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         for name, fn in (order if i % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             losses = fn(outputs, targets)
-            total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+            total = weighted_loss(losses, criterion.weight_dict)
             total.backward()
             if device.type != "cpu":
                 torch.accelerator.synchronize(device)

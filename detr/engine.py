@@ -4,7 +4,6 @@
 device synchronised around it (FlagPerf's p_core); data loading and host copies are outside it.
 """
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional
@@ -141,7 +140,3 @@ def evaluate(
         results = postprocess({k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}, orig_sizes)
         evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
     return evaluator.summarize()
-
-
-def log_to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

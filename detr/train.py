@@ -65,7 +65,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def parse_overrides(items: List[str]) -> dict:
-    fields = {f.name: f.type for f in detr.ModelConfig.__dataclass_fields__.values()}
+    fields = list(detr.ModelConfig.__dataclass_fields__)
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

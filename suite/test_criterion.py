@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from detr.engine import weighted_loss
+
 pytestmark = pytest.mark.parity
 
 
@@ -25,7 +27,7 @@ class PredictionsAsParameters(nn.Module):
             "aux_outputs": [{"pred_logits": l, "pred_boxes": b} for l, b in zip(self.aux_logits, self.aux_boxes)],
         }
         losses = self.criterion(outputs, targets)
-        total = sum(losses[k] * w for k, w in self.criterion.weight_dict.items())
+        total = weighted_loss(losses, self.criterion.weight_dict)
         return {"total": total, **losses}
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import detr
+from detr.engine import weighted_loss
 
 pytestmark = pytest.mark.parity
 
@@ -15,7 +16,7 @@ def train_steps(num_steps: int):
         optimizer = torch.optim.AdamW(detr.param_groups(model.detr, 1e-4, 1e-5), weight_decay=1e-4)
         for _ in range(num_steps):
             losses = criterion(model.detr(images), targets)
-            loss = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+            loss = weighted_loss(losses, criterion.weight_dict)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.detr.parameters(), 0.1)
