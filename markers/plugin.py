@@ -54,9 +54,13 @@ def check_mark_expression(config: pytest.Config) -> None:
         )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # After every plugin's pytest_configure, so that the markers they register are known.
+    check_mark_expression(session.config)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    check_mark_expression(config)
     if config.getoption("--model-config") not in MODEL_CONFIGS:
         raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: expected {' or '.join(MODEL_CONFIGS)}")
     config.detr_precisions = parse_precisions(config.getoption("--precision"))

@@ -31,6 +31,11 @@ def test_bad_values_are_usage_errors(args, message):
     assert message in result.stderr
 
 
+def test_markers_registered_by_plugins_are_accepted():
+    result = pytest_run("-m", "hypothesis")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_topology_markers_select_by_expression():
     result = pytest_run("-m", "training and 2x8")
     assert result.returncode in (0, 5), result.stderr
