@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .metrics import (TensorMetrics, all_finite, as_numpy64, compare, compare_finite, finite_everywhere, mismatches,
-                      nonfinite_masks, rms, rms_finite, summarise)
+                      nonfinite_masks, rms, rms_finite)
 
 FLOOR_ULPS = 0.25
 
@@ -133,12 +133,3 @@ def judge_integer(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Te
     return OutputJudgement(position, "integer", False,
                            f"fail: {dev_bad} of {device.numel()} integer values differ from golden "
                            f"(baseline: {base_bad})", ratio, mismatches=dev_bad)
-
-
-def describe(judgement: OutputJudgement) -> str:
-    """One line: verdict and, for float outputs, the metrics."""
-    if judgement.device is None:
-        return judgement.verdict
-    base = judgement.baseline.rmse if judgement.baseline else float("nan")
-    return (f"{judgement.verdict} ({summarise(judgement.device)}; baseline rmse {base:.3g}, "
-            f"floor {judgement.floor:.3g}, ratio {judgement.ratio:.3g})")

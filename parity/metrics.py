@@ -169,13 +169,3 @@ def finite_everywhere(*tensors: torch.Tensor) -> torch.Tensor:
         m = torch.isfinite(t.detach().cpu()) if t.is_floating_point() else torch.ones(t.shape, dtype=torch.bool)
         mask = m if mask is None else mask & m
     return mask
-
-
-def summarise(metrics: TensorMetrics) -> str:
-    """``"max abs 1.2e-03, max rel 4.1e-03, cosine 0.999998, rmse 3.0e-04"``."""
-    cos = "nan" if math.isnan(metrics.cosine) else f"{metrics.cosine:.6f}"
-    return f"max abs {metrics.max_abs:.3g}, max rel {metrics.max_rel:.3g}, cosine {cos}, rmse {metrics.rmse:.3g}"
-
-
-def shape_of(t: Optional[torch.Tensor]) -> Optional[Tuple[int, ...]]:
-    return None if t is None else tuple(t.shape)
