@@ -6,7 +6,7 @@ judged separately from :func:`nonfinite_masks`.
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
