@@ -15,15 +15,19 @@ from .position_encoding import build_position_encoding
 class BackboneBase(nn.Module):
     """Runs a ResNet body on a NestedTensor and returns its feature maps with resized masks."""
 
-    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool):
+    def __init__(
+        self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
+        train_stem: bool = False, last_layer: str = "layer4",
+    ):
         super().__init__()
+        trained = ("layer2", "layer3", "layer4") if not train_stem else ("",)
         for name, parameter in backbone.named_parameters():
-            if not train_backbone or not any(layer in name for layer in ("layer2", "layer3", "layer4")):
+            if not train_backbone or not any(layer in name for layer in trained):
                 parameter.requires_grad_(False)
         if return_interm_layers:
             return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
         else:
-            return_layers = {"layer4": "0"}
+            return_layers = {last_layer: "0"}
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
 
@@ -39,7 +43,12 @@ class BackboneBase(nn.Module):
 
 
 class Backbone(BackboneBase):
-    """A torchvision ResNet (random init unless ``weights_path`` names a local ImageNet state_dict)."""
+    """A torchvision ResNet (random init unless ``weights_path`` names a local ImageNet state_dict).
+
+    ``norm="frozen"`` is the reference (FrozenBatchNorm2d, stem and layer1 frozen), made for
+    pretrained weights; ``norm="batch"`` trains every layer with BatchNorm2d, which a backbone
+    trained from scratch needs. ``stride=16`` stops after layer3 (half the channels), for small images.
+    """
 
     def __init__(
         self,
@@ -48,19 +57,29 @@ class Backbone(BackboneBase):
         return_interm_layers: bool,
         dilation: bool,
         weights_path: Optional[str] = None,
+        norm: str = "frozen",
+        stride: int = 32,
     ):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(f"unknown backbone {name!r}: expected a torchvision ResNet such as resnet50 or resnet18")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet such as resnet50, not {name}")
+        norms = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
+        if norm not in norms:
+            raise ValueError(f"unknown backbone norm {norm!r}: expected one of {', '.join(norms)}")
+        if stride not in (16, 32):
+            raise ValueError(f"backbone stride must be 16 or 32, got {stride}")
         backbone = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norms[norm]
         )
         if weights_path is not None:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             backbone.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         num_channels = 512 if name in ("resnet18", "resnet34") else 2048
-        super().__init__(backbone, train_backbone, num_channels, return_interm_layers)
+        if stride == 16:
+            num_channels //= 2
+        super().__init__(backbone, train_backbone, num_channels, return_interm_layers,
+                         train_stem=norm == "batch", last_layer="layer4" if stride == 32 else "layer3")
 
 
 class Joiner(nn.Sequential):
@@ -82,5 +101,5 @@ class Joiner(nn.Sequential):
 def build_backbone(cfg) -> Joiner:
     position_embedding = build_position_encoding(cfg)
     train_backbone = cfg.lr_backbone > 0
-    backbone = Backbone(cfg.backbone, train_backbone, False, cfg.dilation, cfg.backbone_weights)
+    backbone = Backbone(cfg.backbone, train_backbone, False, cfg.dilation, cfg.backbone_weights, cfg.backbone_norm, cfg.backbone_stride)
     return Joiner(backbone, position_embedding)

@@ -9,6 +9,8 @@ class ModelConfig:
     backbone: str = "resnet50"
     dilation: bool = False
     backbone_weights: Optional[str] = None
+    backbone_norm: str = "frozen"
+    backbone_stride: int = 32
     lr_backbone: float = 1e-5
     position_embedding: str = "sine"
     hidden_dim: int = 256

@@ -193,3 +193,23 @@ def test_local_backbone_weights_are_loaded(tmp_path):
     model, _, _ = detr.build("tiny", backbone_weights=str(path))
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, reference.conv1.weight)
     torch.testing.assert_close(model.backbone[0].body.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_a_backbone_trained_from_scratch_has_batch_norm_and_trains_every_layer():
+    model, _, _ = detr.build("tiny", backbone_norm="batch", backbone_stride=16)
+    body = model.backbone[0].body
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules()) > 0
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone"))
+    assert "layer4" not in dict(body.named_children()) and model.backbone.num_channels == 256
+    out = model([torch.rand(3, 128, 96)])
+    features, _ = model.backbone(nested_tensor_from_tensor_list([torch.rand(3, 128, 96)]))
+    assert features[-1].tensors.shape[-2:] == (8, 6)
+    assert out["pred_boxes"].shape == (1, 20, 4)
+
+
+def test_bad_backbone_options_are_named():
+    with pytest.raises(ValueError, match="unknown backbone norm 'group'"):
+        detr.build("tiny", backbone_norm="group")
+    with pytest.raises(ValueError, match="stride must be 16 or 32"):
+        detr.build("tiny", backbone_stride=8)
