@@ -156,3 +156,37 @@ def test_losing_a_race_returns_the_winners_set(tmp_path, monkeypatch):
     root = ensure_synthetic(tmp_path, seed=0, **TINY)
     assert root == raced[1] and (root / COMPLETE_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == [root.name]
+
+
+def test_class_colours_and_object_sizes(tmp_path):
+    root = generate(tmp_path, seed=1, num_train=12, num_val=2, min_size=128, max_size=128, class_colours=True,
+                    min_objects=1, max_objects=3, object_size=(0.3, 0.7), crowd_every=0)
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert {im["width"] for im in data["images"]} == {128} and not any(a["iscrowd"] for a in data["annotations"])
+    per_image = {}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+        assert max(ann["bbox"][2], ann["bbox"][3]) >= 0.3 * 128 - 1  # the aspect ratio shortens one side only
+    assert set(per_image.values()) <= {1, 2, 3}
+    # A rectangle fills its box: its centre pixel has its category's hue (JPEG noise aside).
+    for ann in data["annotations"]:
+        if ann["category_id"] != 1:
+            continue
+        x, y, w, h = ann["bbox"]
+        image = Image.open(root / "train2017" / f"{ann['image_id']:012d}.jpg")
+        pixel = image.getpixel((int(x + w / 2), int(y + h / 2)))
+        if all(_clear_of(ann, other) for other in data["annotations"] if other is not ann and other["image_id"] == ann["image_id"]):
+            assert pixel[0] > 150 and pixel[1] < 110 and pixel[2] < 110, pixel
+
+
+def _clear_of(ann, other) -> bool:
+    """True when ``other`` does not cover ``ann``'s centre."""
+    x, y, w, h = ann["bbox"]
+    cx, cy = x + w / 2, y + h / 2
+    ox, oy, ow, oh = other["bbox"]
+    return not (ox <= cx <= ox + ow and oy <= cy <= oy + oh)
+
+
+def test_bad_object_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="object_size"):
+        generate(tmp_path, num_train=1, num_val=1, object_size=(0.5, 0.2))

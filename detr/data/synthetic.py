@@ -31,14 +31,22 @@ SPLITS = ("train", "val")
 Box = Tuple[int, int, int, int]
 
 
-def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """[h, w, 3] uint8: plain colour, linear gradient between two colours, or colour plus noise."""
+# Saturated hues, one per category, for sets whose colour tells the class (``class_colours``).
+PALETTE = ((230, 40, 40), (40, 200, 40), (40, 80, 230), (230, 210, 30), (30, 210, 220), (210, 40, 210))
+
+
+def _background(rng: np.random.Generator, w: int, h: int, grey: bool = False) -> np.ndarray:
+    """[h, w, 3] uint8: plain colour, linear gradient between two colours, or colour plus noise (greys only if ``grey``)."""
     kind = int(rng.integers(3))
     c0 = rng.integers(0, 256, 3).astype(np.float32)
+    if grey:
+        c0[:] = c0[0]
     if kind == 0:
         img = np.broadcast_to(c0, (h, w, 3))
     elif kind == 1:
         c1 = rng.integers(0, 256, 3).astype(np.float32)
+        if grey:
+            c1[:] = c1[0]
         theta = rng.uniform(0, 2 * math.pi)
         ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
         t = xs * math.cos(theta) + ys * math.sin(theta)
@@ -123,17 +131,20 @@ def _object_size(rng: np.random.Generator, w: int, h: int, lo: float, hi: float)
 
 
 def _make_image(
-    rng: np.random.Generator, w: int, h: int, min_objects: int, max_objects: int, with_crowd: bool
+    rng: np.random.Generator, w: int, h: int, min_objects: int, max_objects: int, with_crowd: bool,
+    class_colours: bool = False, object_size: Tuple[float, float] = (0.15, 0.5),
 ) -> Tuple[Image.Image, List[Dict[str, Any]]]:
     """One image and its objects: dicts with ``category_id``, ``box`` (xyxy, integers) and ``iscrowd``."""
-    background = _background(rng, w, h)
+    background = _background(rng, w, h, grey=class_colours)
     image = Image.fromarray(background)
     draw = ImageDraw.Draw(image)
     objects: List[Dict[str, Any]] = []
     taken: List[Box] = []
     crowds: List[Box] = []
 
-    def colour_for(box: Box):
+    def colour_for(box: Box, category: int):
+        if class_colours:
+            return tuple(int(c) for c in np.clip(np.array(PALETTE[category]) + rng.integers(-20, 21, 3), 0, 255))
         return _contrasting_colour(rng, background[box[1]:box[3], box[0]:box[2]].reshape(-1, 3).mean(0))
 
     if with_crowd:
@@ -141,7 +152,7 @@ def _make_image(
         region = _place(rng, w, h, *_object_size(rng, w, h, 0.3, 0.45), taken, crowds)
         if region is not None:
             category = int(rng.integers(len(CATEGORIES)))
-            colour = colour_for(region)
+            colour = colour_for(region, category)
             for _ in range(int(rng.integers(8, 17))):
                 s = int(rng.integers(5, 9))
                 x0 = int(rng.integers(region[0], region[2] - s + 1))
@@ -154,11 +165,11 @@ def _make_image(
     for _ in range(3 * wanted):
         if len(taken) == wanted:
             break
-        box = _place(rng, w, h, *_object_size(rng, w, h, 0.15, 0.5), taken, crowds)
+        box = _place(rng, w, h, *_object_size(rng, w, h, *object_size), taken, crowds)
         if box is None:
             continue
         category = int(rng.integers(len(CATEGORIES)))
-        _draw_shape(draw, rng, CATEGORIES[category], box, colour_for(box))
+        _draw_shape(draw, rng, CATEGORIES[category], box, colour_for(box, category))
         taken.append(box)
         objects.append({"category_id": category + 1, "box": box, "iscrowd": 0})
     return image, objects
@@ -166,7 +177,8 @@ def _make_image(
 
 def _generate_split(
     root: Path, split: str, seed: int, num_images: int, first_image_id: int,
-    min_size: int, max_size: int, min_objects: int, max_objects: int, crowd_every: int,
+    min_size: int, max_size: int, min_objects: int, max_objects: int, crowd_every: int, class_colours: bool,
+    object_size: Tuple[float, float],
 ) -> Dict[str, Any]:
     folder = root / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,7 +189,7 @@ def _generate_split(
         w = int(rng.integers(min_size, max_size + 1))
         h = int(rng.integers(min_size, max_size + 1))
         with_crowd = crowd_every > 0 and index % crowd_every == crowd_every // 2
-        image, objects = _make_image(rng, w, h, min_objects, max_objects, with_crowd)
+        image, objects = _make_image(rng, w, h, min_objects, max_objects, with_crowd, class_colours, tuple(object_size))
         image_id = first_image_id + index
         file_name = f"{image_id:012d}.jpg"
         image.save(folder / file_name, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False)
@@ -211,17 +223,23 @@ def generate(
     min_objects: int = 1,
     max_objects: int = 6,
     crowd_every: int = 10,
+    class_colours: bool = False,
+    object_size: Tuple[float, float] = (0.15, 0.5),
 ) -> Path:
     """Writes the synthetic set under ``root`` and returns ``root``.
 
     Image sides are drawn independently in [min_size, max_size]; each image holds
     min_objects..max_objects shapes (fewer only when repeated placement fails), and every ``crowd_every``-th
-    image also holds one crowd region (0: none). Train ids are 1..num_train, val ids follow.
+    image also holds one crowd region (0: none). With ``class_colours`` each category has its own
+    hue on grey backgrounds, so colour as well as shape tells the class. An object's side is drawn
+    from ``object_size`` (fractions of the image's shorter side). Train ids are 1..num_train, val ids follow.
     """
     if not 1 <= min_size <= max_size:
         raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
     if min_size < 2 * MIN_OBJECT_PX:
         raise ValueError(f"min_size {min_size} is too small for objects of at least {MIN_OBJECT_PX} px")
+    if not 0 < object_size[0] <= object_size[1] <= 1:
+        raise ValueError(f"object_size must be fractions 0 < low <= high <= 1, got {tuple(object_size)}")
     if not 0 <= min_objects <= max_objects:
         raise ValueError(f"need 0 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     root = Path(root)
@@ -231,7 +249,7 @@ def generate(
     for split in SPLITS:
         data = _generate_split(
             root, split, seed, counts[split], first_ids[split],
-            min_size, max_size, min_objects, max_objects, crowd_every,
+            min_size, max_size, min_objects, max_objects, crowd_every, class_colours, object_size,
         )
         with open(root / "annotations" / f"instances_{split}2017.json", "w", encoding="utf-8") as f:
             json.dump(data, f)

@@ -237,15 +237,18 @@ def make_coco_transforms(
     crop_sizes: Tuple[int, int] = (384, 600),
     resize_before_crop: Sequence[int] = (400, 500, 600),
     val_size: int = 800,
+    crop: bool = True,
 ) -> Compose:
     """The reference augmentation (``train``) or evaluation resize (``val``).
 
     The defaults are the COCO recipe; small synthetic images pass smaller ``scales``,
-    ``crop_sizes``, ``resize_before_crop`` and ``val_size``.
+    ``crop_sizes``, ``resize_before_crop`` and ``val_size``, or ``crop=False`` to keep every object.
     """
     normalize = Compose([ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if scales is None:
         scales = DEFAULT_SCALES
+    if image_set == "train" and not crop:
+        return Compose([RandomHorizontalFlip(), RandomResize(scales, max_size=max_size), normalize])
     if image_set == "train":
         return Compose([
             RandomHorizontalFlip(),
