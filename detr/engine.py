@@ -6,7 +6,7 @@ device synchronised around it (FlagPerf's p_core); data loading and host copies 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ class EpochStats:
     wall_time: float = 0.0
     core_time: float = 0.0
     losses: Dict[str, float] = field(default_factory=dict)
+    step_losses: List[float] = field(default_factory=list)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,8 +65,12 @@ def train_one_epoch(
     max_steps: Optional[int] = None,
     log_every: int = 10,
     log: Callable[[str], None] = print,
+    after_step: Optional[Callable[[], None]] = None,
 ) -> EpochStats:
-    """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps."""
+    """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps.
+
+    ``after_step`` runs after every optimizer step, e.g. a per-step learning-rate warm-up.
+    """
     model.train()
     criterion.train()
     stats = EpochStats()
@@ -102,11 +107,14 @@ def train_one_epoch(
             optimizer.step()
         synchronize()
         stats.core_time += time.perf_counter() - t0
+        if after_step is not None:
+            after_step()
         stats.samples += len(targets)
         stats.steps += 1
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.item()
         sums["loss"] = sums.get("loss", 0.0) + value
+        stats.step_losses.append(value)
         if log_every and (step % log_every == 0 or step + 1 == total_steps):
             elapsed = time.perf_counter() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
@@ -129,7 +137,11 @@ def evaluate(
     device: torch.device,
     autocast_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, object]:
-    """COCO bbox evaluation of the model on ``data_loader``: pycocotools' 12 stats, AP = stats[0]."""
+    """COCO bbox evaluation of the model on ``data_loader``: pycocotools' 12 stats, AP = stats[0].
+
+    Under torch.distributed each rank passes its own share of the images; the detections are
+    gathered so that every rank returns the same summary of the whole set.
+    """
     model.eval()
     evaluator = CocoEvaluator(coco_gt)
     for samples, targets in data_loader:
@@ -139,4 +151,5 @@ def evaluate(
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = postprocess({k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}, orig_sizes)
         evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
+    evaluator.synchronize_between_processes()
     return evaluator.summarize()

@@ -1,67 +1,109 @@
-"""``python -m detr.train``: train and evaluate DETR with the reference recipe.
+"""``python -m detr.train``: train and evaluate DETR with the reference recipe, alone or under torchrun.
 
-With no ``--coco-path`` it trains the ``tiny`` model on the generated synthetic COCO-format set.
-Prints progress lines (step, loss, images/s, ETA), the COCO AP after each evaluation, and writes
-checkpoints that ``--resume`` continues from.
+With no ``--coco-path`` it trains the ``tiny`` model on the generated synthetic COCO-format set with
+a recipe tuned to converge in minutes on a CPU. Under ``torchrun`` every rank trains on its share of
+the data (DistributedSampler) and the model is wrapped in DistributedDataParallel; rank 0 prints
+progress lines (step, loss, images/s, ETA), the COCO AP after each evaluation, writes checkpoints
+that ``--resume`` continues from, and at the end ``result.json`` with the raw counters from which
+FlagPerf's metrics are computed.
 """
 import argparse
+import hashlib
+import importlib
 import json
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.utils.data.distributed import DistributedSampler
 
 import detr
 
+from . import distributed as D
 from .data.coco import build_dataset, coco_api, num_classes
 from .engine import evaluate, train_one_epoch
 from .misc import collate_fn
+from .train_faults import FaultyCriterion, TrainFault
 
-PRECISIONS = {"fp32": None, "amp": "amp", "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "tf32": None, "amp": "amp", "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The synthetic set and recipe that reach 0.25 AP within minutes on two CPU cores (see README).
+SYNTHETIC_DATA = dict(num_train=2048, num_val=128, min_size=128, max_size=128, min_objects=1, max_objects=3,
+                      object_size=(0.3, 0.7), class_colours=True, crowd_every=0)
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "coco": dict(model="r50", batch_size=8, lr=1e-4, lr_backbone=1e-5, epochs=300, lr_drop=200, eval_every=1, warmup_steps=0,
+                 scales=list(range(480, 801, 32)), max_size=1333, val_size=800, crop="on", num_workers=4, overrides={}),
+    "synthetic": dict(model="tiny", batch_size=8, lr=3e-4, lr_backbone=3e-4, epochs=8, lr_drop=6, eval_every=1, warmup_steps=100,
+                      scales=[128], max_size=128, val_size=128, crop="off", num_workers=0,
+                      overrides=dict(backbone_norm="batch", backbone_stride=16, dropout=0.0, num_queries=10)),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m detr.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco-path", help="COCO 2017 folder; default: the generated synthetic set")
     p.add_argument("--model", default=None, choices=sorted(detr.CONFIGS), help="default: tiny on the synthetic set, r50 on COCO")
-    p.add_argument("--device", default="auto", help="torch device string, or auto (the accelerator if any, else cpu)")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="amp autocasts to float16 on accelerators, bfloat16 on the CPU")
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--device", default="auto", help="torch device type or string, or auto (the accelerator if any, else cpu); under torchrun each rank takes index LOCAL_RANK")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="vendor extension to import first (e.g. torch_xmlir); repeatable")
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="amp autocasts to float16 on accelerators, bfloat16 on the CPU; tf32 allows TF32 matmuls and convolutions")
+    p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps in all")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-backbone", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=None, help="images per device and step")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-backbone", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--lr-drop", type=int, default=200)
+    p.add_argument("--lr-drop", type=int, default=None, help="epoch after which the learning rate drops 10x")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up over the first N steps (0: none)")
     p.add_argument("--clip-max-norm", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (0: only at the end)")
+    p.add_argument("--target-map", type=float, default=None, help="stop once COCO AP@[.5:.95] reaches this")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--val-limit", type=int, default=None, help="evaluate only the first N validation images")
-    p.add_argument("--scales", type=int, nargs="+", default=None, help="training short sides; default: the reference's 480..800 on COCO, 160..256 on the synthetic set")
-    p.add_argument("--max-size", type=int, default=None, help="longest side; default 1333 on COCO, 320 on the synthetic set")
-    p.add_argument("--val-size", type=int, default=None, help="validation short side; default 800 on COCO, 224 on the synthetic set")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cpu-onednn", action="store_true", help="keep oneDNN convolutions on the CPU (fast for fixed shapes, slow to warm up per shape)")
+    p.add_argument("--scales", type=int, nargs="+", default=None, help="training short sides")
+    p.add_argument("--max-size", type=int, default=None, help="longest side")
+    p.add_argument("--val-size", type=int, default=None, help="validation short side")
+    p.add_argument("--crop", choices=("on", "off"), default=None, help="the reference's random crop augmentation (default: on for COCO, off on the synthetic set)")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per rank; default: the cores shared among the node's ranks")
+    p.add_argument("--cpu-onednn", choices=("on", "off"), default="on", help="oneDNN convolutions on the CPU (fast, but warm up per input shape)")
+    p.add_argument("--dist-backend", default=None, help="process group backend; default by device: " + ", ".join(f"{k} {v}" for k, v in D.BACKENDS.items()))
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for a rank before the job fails")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--output-dir", default="outputs", help="checkpoints and log.jsonl go here")
+    p.add_argument("--output-dir", default="outputs", help="checkpoints, log.jsonl and result.json go here")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override, e.g. hidden_dim=128; repeatable")
+    p.add_argument("--fail-at", default=None, metavar="RANK:STEP:KIND", help="inject a fault (crash, nan or hang) to test the harness")
     return p
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         accelerator = getattr(torch, "accelerator", None)
         if accelerator is not None and accelerator.is_available():
-            return accelerator.current_accelerator()
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+            spec = accelerator.current_accelerator().type
+        else:
+            spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {spec!r}: {exc}") from exc
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, local_rank)
+    module = getattr(torch, device.type, None)
+    if device.type != "cpu":
+        if module is None or not module.is_available():
+            raise SystemExit(f"--device {spec!r}: no {device.type} device here (import its plugin with --plugin?)")
+        if device.index >= module.device_count():
+            raise SystemExit(f"--device {device}: only {module.device_count()} {device.type} device(s) here")
+        module.set_device(device)
+    return device
 
 
 def parse_overrides(items: List[str]) -> dict:
@@ -83,109 +125,234 @@ def parse_overrides(items: List[str]) -> dict:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file first, so an interrupted save never leaves a broken checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename, so an interrupted write never leaves a broken file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
     os.replace(tmp, path)
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """A short fingerprint of the exact parameter values, to check that all ranks hold the same model."""
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def resolve(args: argparse.Namespace, recipe: Dict[str, Any]) -> None:
+    for key, value in recipe.items():
+        if key != "overrides" and getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+@record
 def main(argv: Optional[List[str]] = None) -> dict:
+    process_start = D.process_start_time()
     args = get_args_parser().parse_args(argv)
+    fault = None
+    if args.fail_at:
+        try:
+            fault = TrainFault.parse(args.fail_at)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+    for module in args.plugin:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise SystemExit(f"--plugin {module}: import failed with {type(exc).__name__}: {exc}") from exc
     synthetic = args.coco_path is None
+    recipe = RECIPES["synthetic" if synthetic else "coco"]
+    resolve(args, recipe)
+    overrides = {**recipe["overrides"], **parse_overrides(args.override)} if args.model == recipe["model"] else parse_overrides(args.override)
+    info = D.dist_info_from_env()
+    device = resolve_device(args.device, info.local_rank)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
+    torch.set_num_threads(threads)
+    if device.type == "cpu":
+        torch.backends.mkldnn.enabled = args.cpu_onednn == "on"
+    # fp32 means full float32 matmuls even where the backend defaults to TF32; tf32 allows it.
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    backend = D.init_distributed(info, device, args.dist_backend, args.dist_timeout)
+    try:
+        return train(args, info, device, backend, overrides, fault, synthetic, threads, process_start)
+    finally:
+        D.shutdown()
+
+
+def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], overrides: dict,
+          fault: Optional[TrainFault], synthetic: bool, threads: int, process_start: float) -> dict:
+    log = (lambda s: print(s, flush=True)) if info.is_main else (lambda s: None)
     if synthetic:
         from .data.synthetic import ensure_synthetic
 
-        coco_path = ensure_synthetic()
+        # One rank per node generates the set on first use; the others then find it in the cache.
+        if info.local_rank == 0:
+            ensure_synthetic(**SYNTHETIC_DATA)
+        D.barrier()
+        coco_path = ensure_synthetic(**SYNTHETIC_DATA)
     else:
         coco_path = Path(args.coco_path)
-    model_name = args.model or ("tiny" if synthetic else "r50")
-    scales = args.scales or (list(range(160, 257, 32)) if synthetic else list(range(480, 801, 32)))
-    max_size = args.max_size or (320 if synthetic else 1333)
-    val_size = args.val_size or (224 if synthetic else 800)
-    crop = dict(crop_sizes=(96, 192), resize_before_crop=(160, 192, 224)) if synthetic else {}
-    device = resolve_device(args.device)
-    if device.type == "cpu" and not args.cpu_onednn:
-        # oneDNN builds a convolution kernel per input shape, seconds each on a small CPU, and
-        # multi-scale training shows it a new shape almost every step.
-        torch.backends.mkldnn.enabled = False
-    seed_everything(args.seed)
+    crop = {} if args.crop == "on" else {"crop": False}
+    seed_everything(args.seed + info.rank)
 
-    dataset_train = build_dataset("train", coco_path, scales=scales, max_size=max_size, **crop)
-    dataset_val = build_dataset("val", coco_path, max_size=max_size, val_size=val_size)
+    dataset_train = build_dataset("train", coco_path, scales=args.scales, max_size=args.max_size, **crop)
+    dataset_val = build_dataset("val", coco_path, max_size=args.max_size, val_size=args.val_size)
     n_classes = num_classes(dataset_train)
     if args.train_limit:
         dataset_train = Subset(dataset_train, range(min(args.train_limit, len(dataset_train))))
     if args.val_limit:
         dataset_val = Subset(dataset_val, range(min(args.val_limit, len(dataset_val))))
+    coco_gt = coco_api(dataset_val)
+    # Each rank evaluates every world_size-th image; no padding, so no image is counted twice.
+    val_share = Subset(dataset_val, range(info.rank, len(dataset_val), info.world_size))
 
-    model, criterion, postprocess = detr.build(model_name, num_classes=n_classes, lr_backbone=args.lr_backbone, **parse_overrides(args.override))
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model, criterion, postprocess = detr.build(args.model, num_classes=n_classes, lr_backbone=args.lr_backbone, **overrides)
     model.to(device)
     criterion.to(device)
-    optimizer = torch.optim.AdamW(detr.param_groups(model, args.lr, args.lr_backbone), lr=args.lr, weight_decay=args.weight_decay)
+    model_without_ddp = model
+    if info.enabled:
+        device_ids = [device.index] if device.type != "cpu" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = torch.optim.AdamW(detr.param_groups(model_without_ddp, args.lr, args.lr_backbone), lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     autocast_dtype = PRECISIONS[args.precision]
     if autocast_dtype == "amp":
         autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    seed_everything(args.seed + info.rank)
 
     g = torch.Generator().manual_seed(args.seed)
-    loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=RandomSampler(dataset_train, generator=g),
-                              drop_last=True, collate_fn=collate_fn, num_workers=args.num_workers)
-    loader_val = DataLoader(dataset_val, batch_size=args.batch_size, sampler=SequentialSampler(dataset_val),
+    if info.enabled:
+        sampler_train = DistributedSampler(dataset_train, info.world_size, info.rank, shuffle=True, seed=args.seed, drop_last=True)
+    else:
+        sampler_train = RandomSampler(dataset_train, generator=g)
+    loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
+                              collate_fn=collate_fn, num_workers=args.num_workers)
+    loader_val = DataLoader(val_share, batch_size=args.batch_size, sampler=SequentialSampler(val_share),
                             collate_fn=collate_fn, num_workers=args.num_workers)
     if len(loader_train) == 0:
-        raise SystemExit(f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size}")
+        raise SystemExit(f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} "
+                         f"on each of {info.world_size} rank(s)")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    start_epoch, steps_done, history = 0, 0, []
+    start_epoch, steps_done, history, step_losses = 0, 0, [], []
+    counters = {"samples": 0.0, "train_time": 0.0, "eval_time": 0.0, "core_time": 0.0}
+    best, target_hit = None, None
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         start_epoch, steps_done, history = ckpt["epoch"] + 1, ckpt["steps"], ckpt["history"]
+        step_losses, counters, best, target_hit = ckpt["step_losses"], ckpt["counters"], ckpt["best"], ckpt["target_hit"]
+        if len(ckpt["rng"]) != info.world_size:
+            raise SystemExit(f"--resume {args.resume}: saved by {len(ckpt['rng'])} rank(s), resumed by {info.world_size}")
         g.set_state(ckpt["sampler_rng"])
-        torch.set_rng_state(ckpt["rng"])
-        print(f"resumed from {args.resume} at epoch {start_epoch}, step {steps_done}", flush=True)
+        torch.set_rng_state(ckpt["rng"][info.rank])
+        log(f"resumed from {args.resume} at epoch {start_epoch}, step {steps_done}")
+    if fault is not None:
+        criterion = FaultyCriterion(criterion, fault, info.rank, first_step=steps_done)
 
-    print(f"training {model_name} ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters) "
-          f"on {device}, {len(dataset_train)} images from {coco_path}, batch {args.batch_size}, {args.precision}", flush=True)
-    coco_gt = coco_api(dataset_val)
-    result = {"AP": None}
-    start = time.perf_counter()
+    n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    log(f"training {args.model} ({n_params:,} trainable parameters) on {device} x {info.world_size} ({backend or 'single process'}), "
+        f"{threads} thread(s) per rank, {len(dataset_train)} images from {coco_path}, batch {args.batch_size} per device, {args.precision}")
+    result: Dict[str, Any] = {"AP": None}
+    sync = lambda: D.synchronize(device)  # noqa: E731
+    step_counter = [steps_done]
+
+    def warm_up() -> None:
+        step_counter[0] += 1
+        if step_counter[0] <= args.warmup_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * min(1.0, (step_counter[0] + 1) / args.warmup_steps)
+
+    if steps_done < args.warmup_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * (steps_done + 1) / args.warmup_steps
     for epoch in range(start_epoch, args.epochs):
         remaining = None if args.max_steps is None else args.max_steps - steps_done
         if remaining is not None and remaining <= 0:
             break
+        if info.enabled:
+            sampler_train.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                autocast_dtype, scaler, max_steps=remaining, log=lambda s: print(s, flush=True))
+                                autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up)
         lr_scheduler.step()
         steps_done += stats.steps
+        samples, core_max = D.all_reduce([stats.samples, stats.core_time], "sum")[0], D.all_reduce([stats.core_time], "max")[0]
+        counters["samples"] += samples
+        counters["train_time"] += stats.wall_time
+        counters["core_time"] += core_max
+        step_losses.extend(D.all_reduce(stats.step_losses, "sum"))
         last = epoch + 1 == args.epochs or (args.max_steps is not None and steps_done >= args.max_steps)
-        row = {"epoch": epoch, "steps": steps_done, "train_loss": stats.losses.get("loss"),
-               "samples": stats.samples, "wall_time": stats.wall_time, "core_time": stats.core_time}
+        row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
+               "train_time": counters["train_time"], "elapsed": time.time() - process_start}
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or last:
-            result = evaluate(model, postprocess, loader_val, coco_gt, device, autocast_dtype if autocast_dtype != torch.float16 else None)
-            row["AP"] = result["AP"]
-            print(f"epoch {epoch} mAP {result['AP']:.4f} AP50 {result['AP50']:.4f} ({stats.samples / stats.wall_time:.1f} img/s)", flush=True)
+            t0 = time.perf_counter()
+            result = evaluate(model_without_ddp, postprocess, loader_val, coco_gt, device, autocast_dtype if autocast_dtype != torch.float16 else None)
+            counters["eval_time"] += time.perf_counter() - t0
+            row["mAP"] = result["AP"]
+            row["AP50"] = result["AP50"]
+            best = result["AP"] if best is None else max(best, result["AP"])
+            log(f"epoch {epoch} step {steps_done} mAP {result['AP']:.4f} AP50 {result['AP50']:.4f} "
+                f"({stats.samples * info.world_size / stats.wall_time:.1f} img/s, {row['elapsed']:.0f}s)")
+            if args.target_map is not None and target_hit is None and result["AP"] >= args.target_map:
+                target_hit = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"],
+                              "train_time": counters["train_time"], "elapsed": row["elapsed"]}
+                log(f"target mAP {args.target_map} reached at step {steps_done} after {row['elapsed']:.0f}s: stopping")
+                last = True
         history.append(row)
-        with open(output_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        save_checkpoint(output_dir / "checkpoint.pth", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-            "epoch": epoch, "steps": steps_done, "history": history, "args": vars(args),
-            "sampler_rng": g.get_state(), "rng": torch.get_rng_state(),
-        })
+        rng_states = D.all_gather_object(torch.get_rng_state())
+        if info.is_main:
+            with open(output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(output_dir / "checkpoint.pth", {
+                "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "steps": steps_done, "history": history,
+                "step_losses": step_losses, "counters": counters, "best": best, "target_hit": target_hit,
+                "args": vars(args), "sampler_rng": g.get_state(), "rng": rng_states,
+            })
         if last:
             break
-    print(f"done in {time.perf_counter() - start:.1f}s: mAP {result['AP'] if result['AP'] is not None else float('nan'):.4f}", flush=True)
-    return {"AP": result["AP"], "stats": result.get("stats"), "history": history}
+
+    digests = D.all_gather_object(param_digest(model_without_ddp))
+    mem_actual = D.all_reduce([D.peak_memory_gib(device) or 0.0], "max")[0]
+    world = info.world_size
+    summary = {
+        "model": args.model, "dataset": "synthetic" if synthetic else str(coco_path), "device": str(device.type),
+        "precision": args.precision, "world_size": world, "nnodes": world // info.local_world_size,
+        "nproc_per_node": info.local_world_size, "backend": backend, "threads_per_rank": threads,
+        "fix_hp": {"batch_size_per_device": args.batch_size, "global_batch_size": args.batch_size * world, "lr": args.lr,
+                   "lr_backbone": args.lr_backbone, "weight_decay": args.weight_decay, "lr_drop": args.lr_drop,
+                   "clip_max_norm": args.clip_max_norm, "epochs": args.epochs, "max_steps": args.max_steps,
+                   "seed": args.seed, "model_overrides": overrides},
+        "e2e_time": time.time() - process_start, "steps": steps_done, **counters,
+        "mAP": result["AP"], "best_mAP": best, "target_mAP": args.target_map, "target_reached": target_hit,
+        "mem_actual_gib": mem_actual or None, "mem_total_gib": D.total_memory_gib(device),
+        "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "mAP")} for r in history if "mAP" in r],
+        "step_losses": [v / world for v in step_losses], "param_digests": digests,
+    }
+    if info.is_main:
+        write_json(output_dir / "result.json", summary)
+    final = result["AP"] if result["AP"] is not None else float("nan")
+    log(f"done in {summary['e2e_time']:.1f}s: mAP {final:.4f}, {counters['samples']:.0f} samples")
+    return summary
 
 
 if __name__ == "__main__":

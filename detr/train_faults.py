@@ -1,0 +1,51 @@
+"""Faults a training run can be told to inject (``--fail-at``), so that the harness's handling of a
+crashed rank, a NaN loss and a hung collective can itself be tested."""
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+
+KINDS = ("crash", "nan", "hang")
+
+
+@dataclass(frozen=True)
+class TrainFault:
+    rank: int
+    step: int
+    kind: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "TrainFault":
+        """``RANK:STEP:KIND``, e.g. ``3:5:crash``; STEP counts training steps from 0 over the whole run."""
+        parts = spec.split(":")
+        if len(parts) != 3 or parts[2] not in KINDS or not all(p.isdigit() for p in parts[:2]):
+            raise ValueError(f"--fail-at {spec!r}: expected RANK:STEP:KIND with KIND one of {', '.join(KINDS)}")
+        return cls(int(parts[0]), int(parts[1]), parts[2])
+
+
+class FaultyCriterion(nn.Module):
+    """Wraps a criterion; on ``fault.rank`` at training step ``fault.step`` it crashes, hangs, or
+    makes ``loss_giou`` NaN. Other ranks and steps pass through unchanged."""
+
+    def __init__(self, criterion: nn.Module, fault: TrainFault, rank: int, first_step: int = 0):
+        super().__init__()
+        self.criterion = criterion
+        self.weight_dict = criterion.weight_dict
+        self.fault = fault
+        self.rank = rank
+        self.step = first_step
+
+    def forward(self, outputs, targets) -> Dict[str, Tensor]:
+        losses = self.criterion(outputs, targets)
+        step, self.step = self.step, self.step + 1
+        if self.rank != self.fault.rank or step != self.fault.step:
+            return losses
+        if self.fault.kind == "crash":
+            raise RuntimeError(f"injected crash on rank {self.rank} at step {step} (--fail-at)")
+        if self.fault.kind == "hang":
+            time.sleep(10**6)
+        losses["loss_giou"] = losses["loss_giou"] * torch.tensor(math.nan, device=losses["loss_giou"].device)
+        return losses
