@@ -1,0 +1,125 @@
+"""The device's mAP curve against a reference curve: a verdict, and a PNG to look at.
+
+A curve is a list of points ``{"samples": global images trained, "mAP": AP@[.5:.95]}``, one per
+evaluation. With one run per side the verdict compares final mAPs within a tolerance; with several
+seeds per side it follows MLPerf's spirit: two one-sided Welch t-tests (alpha 0.05) fail the device
+when its final mAP is significantly below the reference's minus the tolerance, or above it plus the
+tolerance (a device far better than the reference is computing something else).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from scipy import stats
+
+Curve = List[Dict[str, float]]
+ALPHA = 0.05
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    device_final: float
+    reference_final: float
+    tolerance: float
+    method: str
+    p_value: Optional[float] = None
+    note: str = ""
+
+    def text(self) -> str:
+        word = "PASS" if self.passed else "FAIL"
+        detail = f"device {self.device_final:.4f} vs reference {self.reference_final:.4f} (tolerance {self.tolerance:.3f}, {self.method}"
+        if self.p_value is not None:
+            detail += f", p={self.p_value:.3g}"
+        return f"{word}: {detail})" + (f"; {self.note}" if self.note else "")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "text": self.text()}
+
+
+def final_map(curve: Curve) -> float:
+    values = [p["mAP"] for p in curve if p.get("mAP") is not None]
+    if not values:
+        raise ValueError("the curve has no mAP point")
+    return float(values[-1])
+
+
+def olympic_mean(values: Sequence[float]) -> float:
+    """The mean without the best and the worst value once there are at least 5, as MLPerf does."""
+    v = sorted(values)
+    if len(v) >= 5:
+        v = v[1:-1]
+    return sum(v) / len(v)
+
+
+def judge(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float) -> Verdict:
+    """Whether the device's final mAP is within ``tolerance`` (absolute AP) of the reference's."""
+    if not device_curves or not reference_curves:
+        raise ValueError("need at least one device curve and one reference curve")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    dev = [final_map(c) for c in device_curves]
+    ref = [final_map(c) for c in reference_curves]
+    d, r = olympic_mean(dev), olympic_mean(ref)
+    if len(dev) >= 2 and len(ref) >= 2 and (len(set(dev)) > 1 or len(set(ref)) > 1):
+        below = stats.ttest_ind(dev, [x - tolerance for x in ref], equal_var=False, alternative="less").pvalue
+        above = stats.ttest_ind(dev, [x + tolerance for x in ref], equal_var=False, alternative="greater").pvalue
+        p = min(float(below), float(above))
+        if math.isnan(p):
+            p = 1.0 if abs(d - r) <= tolerance else 0.0
+        return Verdict(p >= ALPHA, d, r, tolerance, f"Welch t-tests over {len(dev)} vs {len(ref)} seeds", p)
+    return Verdict(abs(d - r) <= tolerance, d, r, tolerance, "final mAP difference")
+
+
+def save_curves(path: Path, curves: Sequence[Curve], meta: Dict[str, Any]) -> None:
+    """A curve file that ``--reference-curve`` reads back: {"meta": ..., "curves": [[points], ...]}."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"meta": meta, "curves": [list(c) for c in curves]}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_curves(path: Path) -> List[Curve]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"reference curve file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"reference curve file {path} is not valid JSON: {exc}") from None
+    curves = data.get("curves") if isinstance(data, dict) else None
+    if not isinstance(curves, list) or not curves or not all(
+        isinstance(c, list) and c and all(isinstance(p, dict) and "samples" in p and "mAP" in p for p in c) for c in curves
+    ):
+        raise ValueError(f"reference curve file {path}: expected {{\"curves\": [[{{\"samples\": N, \"mAP\": x}}, ...], ...]}}")
+    return curves
+
+
+def plot(path: Path, device_curves: Sequence[Curve], reference_curves: Sequence[Curve], title: str,
+         target: Optional[float] = None, labels=("device", "reference")) -> None:
+    """mAP against trained samples for both sides, one line per seed; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for curves, label, colour in ((reference_curves, labels[1], "tab:gray"), (device_curves, labels[0], "tab:blue")):
+        for i, curve in enumerate(curves):
+            xs = [p["samples"] for p in curve if p.get("mAP") is not None]
+            ys = [p["mAP"] for p in curve if p.get("mAP") is not None]
+            ax.plot(xs, ys, marker="o", markersize=3, color=colour, alpha=0.9 if i == 0 else 0.5,
+                    label=label if i == 0 else None, linestyle="--" if curves is reference_curves else "-")
+    if target is not None:
+        ax.axhline(target, color="tab:red", linewidth=0.8, linestyle=":", label=f"target {target:g}")
+    ax.set_xlabel("trained samples (all ranks)")
+    ax.set_ylabel("COCO AP@[.5:.95]")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,228 @@
+"""Launching ``python -m detr.train`` under torchrun for a ``<nodes>x<devices per node>`` topology.
+
+On one machine every node of the topology gets its own torchrun launcher (node ranks 0..n-1 meeting
+on 127.0.0.1); on a cluster each machine runs only its own ``node_rank``. The job is watched: when a
+launcher fails, the others are stopped at once; past the timeout all are stopped; either way every
+process of the job (launchers and their workers, which torchrun starts in sessions of their own)
+is gone before ``run_job`` returns (found by an environment variable they all inherit).
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+TOPOLOGY = re.compile(r"^(\d+)x(\d+)$")
+GRACE_S = 10.0
+
+
+class JobError(RuntimeError):
+    """The distributed job failed or timed out; the message names the first failure and its output."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    nnodes: int
+    nproc_per_node: int
+    node_rank: Optional[int] = None  # None: simulate every node on this machine
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None
+
+    @classmethod
+    def parse(cls, name: str, **kwargs) -> "Topology":
+        m = TOPOLOGY.match(name)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise ValueError(f"topology {name!r}: expected <nodes>x<devices per node>, e.g. 1x1, 1x8, 2x8")
+        return cls(int(m.group(1)), int(m.group(2)), **kwargs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.nnodes}x{self.nproc_per_node}"
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def local_node_ranks(self) -> List[int]:
+        return list(range(self.nnodes)) if self.node_rank is None else [self.node_rank]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(topology: Topology, node_rank: int, port: int, train_args: Sequence[str]) -> List[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(topology.nnodes), "--nproc-per-node", str(topology.nproc_per_node),
+        "--node-rank", str(node_rank), "--master-addr", topology.master_addr, "--master-port", str(port),
+        "--max-restarts", "0", "--monitor-interval", "0.5",
+        "-m", "detr.train", *train_args,
+    ]
+
+
+@dataclass
+class Launcher:
+    node_rank: int
+    proc: subprocess.Popen
+    log_path: Path
+    lines: List[str] = field(default_factory=list)
+    reader: Optional[threading.Thread] = None
+
+
+JOB_ENV = "DETR_TRAIN_JOB"
+
+
+def job_processes(job_id: str) -> List[int]:
+    """Live processes of the job: all inherit ``DETR_TRAIN_JOB=<job_id>``, even once orphaned (Linux /proc)."""
+    needle = f"{JOB_ENV}={job_id}".encode()
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0") and _alive(int(entry)):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop(launchers: Sequence[Launcher], job_id: str, grace_s: float = GRACE_S) -> None:
+    """SIGTERM to the launchers (torchrun then stops its workers), SIGKILL to every job process left after ``grace_s``."""
+    _signal([launcher.proc.pid for launcher in launchers if launcher.proc.poll() is None], signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if all(launcher.proc.poll() is not None for launcher in launchers) and not job_processes(job_id):
+            break
+        time.sleep(0.1)
+    _signal(job_processes(job_id), signal.SIGKILL)
+    for launcher in launchers:
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+        launcher.proc.wait()
+
+
+def _read(launcher: Launcher) -> None:
+    with open(launcher.log_path, "a", encoding="utf-8", errors="replace") as log:
+        for line in launcher.proc.stdout:
+            log.write(line)
+            log.flush()
+            launcher.lines.append(line.rstrip("\n"))
+
+
+def first_failure(lines: Sequence[str]) -> str:
+    """The error torchrun reports as root cause, or the last exception line in the output."""
+    text = "\n".join(lines)
+    m = re.search(r"Root Cause \(first observed failure\):\n(.*?)(?:\n=+|\Z)", text, re.S)
+    errors = [line.strip() for line in lines if re.match(r"\s*(\[rank\d+\]:)?\s*[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    parts = []
+    if errors:
+        parts.append(errors[-1])
+    if m:
+        parts.append(m.group(1).strip())
+    return "\n".join(parts) or "\n".join(lines[-15:])
+
+
+def run_job(
+    topology: Topology,
+    train_args: Sequence[str],
+    log_dir: Path,
+    timeout_s: float,
+    env: Optional[Dict[str, str]] = None,
+    on_line: Optional[Callable[[str], None]] = None,
+) -> float:
+    """Runs the job to completion and returns its wall time (launch to the last exit).
+
+    ``on_line`` gets node 0's output lines, called from this thread (so that pytest can write them
+    past its output capture). Raises JobError naming the failed node and its first error, or the timeout; no process is left.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = topology.master_port or free_port()
+    job_id = uuid.uuid4().hex
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), JOB_ENV: job_id}
+    launchers: List[Launcher] = []
+    start = time.monotonic()
+    try:
+        for node_rank in topology.local_node_ranks():
+            log_path = log_dir / f"node{node_rank}.log"
+            log_path.write_text("")
+            proc = subprocess.Popen(
+                torchrun_command(topology, node_rank, port, train_args), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True,
+            )
+            launcher = Launcher(node_rank, proc, log_path)
+            launcher.reader = threading.Thread(target=_read, args=(launcher,), daemon=True)
+            launcher.reader.start()
+            launchers.append(launcher)
+        shown = 0
+
+        def show() -> None:
+            nonlocal shown
+            lines = launchers[0].lines
+            end = len(lines)
+            if on_line is not None:
+                for line in lines[shown:end]:
+                    on_line(line)
+            shown = end
+
+        while True:
+            show()
+            codes = [launcher.proc.poll() for launcher in launchers]
+            failed = [launcher for launcher, code in zip(launchers, codes) if code not in (None, 0)]
+            if failed:
+                stop(launchers, job_id)
+                _join(launchers)
+                show()
+                bad = failed[0]
+                raise JobError(
+                    f"{topology.name} job failed on node {bad.node_rank} (exit code {bad.proc.returncode}) "
+                    f"after {time.monotonic() - start:.1f}s:\n{first_failure(bad.lines)}\n(full output: {bad.log_path})"
+                )
+            if all(code == 0 for code in codes):
+                _join(launchers)
+                show()
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                stop(launchers, job_id)
+                _join(launchers)
+                raise JobError(
+                    f"{topology.name} job timed out after {timeout_s:.0f}s and was stopped; last output of node 0:\n"
+                    + "\n".join(launchers[0].lines[-10:]) + f"\n(full output: {launchers[0].log_path})"
+                )
+            time.sleep(0.2)
+    except BaseException:
+        stop(launchers, job_id)
+        raise
+
+
+def _join(launchers: Sequence[Launcher]) -> None:
+    for launcher in launchers:
+        if launcher.reader is not None:
+            launcher.reader.join(timeout=5)
