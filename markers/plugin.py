@@ -87,11 +87,28 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+TRAINING_MARKERS = {"training", "1x1", "1x8", "2x8"}
+
+
+def names_training(expression: str) -> bool:
+    return bool(TRAINING_MARKERS & set(re.findall(r"[A-Za-z0-9_]+", expression or "")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
-    """Every conformance test under suite/ checks the device under test: it is marked ``xpu``."""
+    """Every conformance test under suite/ checks the device under test: it is marked ``xpu``.
+
+    Training tests run for many minutes: they are deselected unless ``-m`` names ``training`` or a
+    topology, so that ``pytest -m xpu`` stays the few-minute parity and benchmark run.
+    """
     for item in items:
         if SUITE_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.xpu)
+    if names_training(config.getoption("markexpr")):
+        return
+    training = [item for item in items if item.get_closest_marker("training")]
+    if training:
+        config.hook.pytest_deselected(items=training)
+        items[:] = [item for item in items if not item.get_closest_marker("training")]
 
 
 def pytest_report_header(config: pytest.Config):
