@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from scipy import stats
 
+from parity.report import atomic_write
+
 Curve = List[Dict[str, float]]
 ALPHA = 0.05
 
@@ -76,9 +78,7 @@ def judge(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tol
 
 def save_curves(path: Path, curves: Sequence[Curve], meta: Dict[str, Any]) -> None:
     """A curve file that ``--reference-curve`` reads back: {"meta": ..., "curves": [[points], ...]}."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"meta": meta, "curves": [list(c) for c in curves]}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"meta": meta, "curves": [list(c) for c in curves]}, indent=1) + "\n")
 
 
 def load_curves(path: Path) -> List[Curve]:

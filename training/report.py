@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from parity.report import atomic_write
+
 JSON_NAME = "training_report.json"
 MD_NAME = "training_report.md"
 ROW_KEY = ("config", "device", "precision", "model", "dataset")
@@ -43,12 +45,6 @@ def merge_rows(existing: Sequence[Dict[str, Any]], new: Dict[str, Any]) -> List[
     """``existing`` with ``new`` replacing the row of the same configuration/device/precision/model/dataset."""
     rows = [r for r in existing if row_key(r) != row_key(new)] + [new]
     return sorted(rows, key=lambda r: (str(r.get("device")), str(r.get("precision")), CONFIG_ORDER.get(r.get("config"), 99), str(r.get("config"))))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_rows(path: Path) -> List[Dict[str, Any]]:
@@ -182,6 +178,6 @@ def write_report(report_dir: Path, row: Dict[str, Any], environment: Dict[str, A
     except ReportError as exc:
         existing, warning = [], str(exc)
     rows = merge_rows(existing, row)
-    _write_atomic(report_dir / JSON_NAME, json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")
-    _write_atomic(report_dir / MD_NAME, render_markdown(rows, environment))
+    atomic_write(report_dir / JSON_NAME, json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")
+    atomic_write(report_dir / MD_NAME, render_markdown(rows, environment))
     return rows, warning
