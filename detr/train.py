@@ -295,10 +295,9 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
                                 autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up)
         lr_scheduler.step()
         steps_done += stats.steps
-        samples, core_max = D.all_reduce([stats.samples, stats.core_time], "sum")[0], D.all_reduce([stats.core_time], "max")[0]
-        counters["samples"] += samples
+        counters["samples"] += D.all_reduce([stats.samples])[0]
         counters["train_time"] += stats.wall_time
-        counters["core_time"] += core_max
+        counters["core_time"] += D.all_reduce([stats.core_time], "max")[0]
         step_losses.extend(D.all_reduce(stats.step_losses, "sum"))
         last = epoch + 1 == args.epochs or (args.max_steps is not None and steps_done >= args.max_steps)
         row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
