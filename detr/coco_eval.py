@@ -10,7 +10,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .misc import get_world_size
+from .distributed import all_gather_object
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -71,10 +71,9 @@ class CocoEvaluator:
 
     def synchronize_between_processes(self) -> None:
         """Gathers every rank's state into every rank (no-op without torch.distributed)."""
-        if get_world_size() == 1:
+        states = all_gather_object(self.state())
+        if len(states) == 1:
             return
-        states: List[Any] = [None] * get_world_size()
-        torch.distributed.all_gather_object(states, self.state())
         self.img_ids, self.results = [], []
         self.merge(states)
 

@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+from .misc import is_dist_avail_and_initialized
+
 # The collective library each device type ships with; gloo for the CPU and anything unknown.
 BACKENDS = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "mlu": "cncl", "musa": "mccl", "cpu": "gloo"}
 
@@ -66,12 +68,12 @@ def init_distributed(info: DistInfo, device: torch.device, backend: Optional[str
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_dist_avail_and_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_dist_avail_and_initialized():
         dist.barrier()
 
 
@@ -108,7 +110,7 @@ def total_memory_gib(device: torch.device) -> Optional[float]:
 
 def all_reduce(values: List[float], op: str = "sum") -> List[float]:
     """Sums (or takes the max of) a few host numbers over all ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_dist_avail_and_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() != "gloo":
@@ -118,7 +120,7 @@ def all_reduce(values: List[float], op: str = "sum") -> List[float]:
 
 
 def all_gather_object(obj: Any) -> List[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_dist_avail_and_initialized():
         return [obj]
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
