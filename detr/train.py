@@ -207,7 +207,6 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
     else:
         coco_path = Path(args.coco_path)
     crop = {} if args.crop == "on" else {"crop": False}
-    seed_everything(args.seed + info.rank)
 
     dataset_train = build_dataset("train", coco_path, scales=args.scales, max_size=args.max_size, **crop)
     dataset_val = build_dataset("val", coco_path, max_size=args.max_size, val_size=args.val_size)
@@ -274,17 +273,21 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
         f"{threads} thread(s) per rank, {len(dataset_train)} images from {coco_path}, batch {args.batch_size} per device, {args.precision}")
     result: Dict[str, Any] = {"AP": None}
     sync = lambda: D.synchronize(device)  # noqa: E731
-    step_counter = [steps_done]
+    step_count = steps_done
+
+    def warm_up_lr(done: int) -> None:
+        """The learning rate of the step after ``done`` steps: linear up to the full rate."""
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * min(1.0, (done + 1) / args.warmup_steps)
 
     def warm_up() -> None:
-        step_counter[0] += 1
-        if step_counter[0] <= args.warmup_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * min(1.0, (step_counter[0] + 1) / args.warmup_steps)
+        nonlocal step_count
+        step_count += 1
+        if step_count <= args.warmup_steps:
+            warm_up_lr(step_count)
 
     if steps_done < args.warmup_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * (steps_done + 1) / args.warmup_steps
+        warm_up_lr(steps_done)
     for epoch in range(start_epoch, args.epochs):
         remaining = None if args.max_steps is None else args.max_steps - steps_done
         if remaining is not None and remaining <= 0:
