@@ -2,11 +2,12 @@
 and the hooks that apply markers."""
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from parity.device import DeviceError, import_plugins, resolve_device
+from parity.device import VARIANTS, DeviceError, import_plugins, resolve
 from parity.faults import parse_faults
 
 MODEL_CONFIGS = ("r50", "tiny")
@@ -16,7 +17,8 @@ SUITE_DIR = Path(__file__).resolve().parent.parent / "suite"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("detr", "DETR accelerator conformance")
-    group.addoption("--xpu", default="auto", help="device under test: auto (default), cpu, cuda, cuda:1, xpu, npu:0, ...")
+    group.addoption("--xpu", default="auto", help="device under test: auto (default), cpu, cuda, cuda:1, xpu, npu:0, ..., "
+                                                  f"or {', '.join(VARIANTS)} (the CPU with other real kernels)")
     group.addoption("--xpu-plugin", action="append", default=[], metavar="MODULE",
                     help="import a vendor extension first (torch_xmlir, torch_npu, torch_mlu, torch_musa, ...); repeatable")
     group.addoption("--precision", default="fp32", help=f"comma-separated precisions under test: {', '.join(PRECISIONS)} (default fp32)")
@@ -26,9 +28,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--inject-fault", action="append", default=[], metavar="SPEC", dest="inject_fault",
                     help="perturb an aten op on the device under test only: <aten op>[.<overload>]:<kind>[=<value>], "
                          "kinds noise, offset, scale, round=bf16|fp16|tf32, nan, inf, zero, delay; repeatable")
-    group.addoption("--parity-bound", type=float, default=None, metavar="RATIO",
-                    help="error-ratio bound of the parity rule (default: ini parity_bound, else 2 for fp32, 3 otherwise)")
-    parser.addini("parity_bound", "error-ratio bound of the parity rule for every precision (empty: 2 for fp32, 3 otherwise)", default="")
 
 
 def parse_precisions(value: str):
@@ -66,23 +65,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.detr_precisions = parse_precisions(config.getoption("--precision"))
     try:
         config.detr_faults = [f.spec for f in parse_faults(config.getoption("inject_fault"))]
+        config.detr_fault_fired = Counter({spec: 0 for spec in config.detr_faults})
     except ValueError as exc:
         raise pytest.UsageError(f"--inject-fault: {exc}") from None
-    bound = config.getoption("--parity-bound")
-    if bound is None and config.getini("parity_bound"):
-        try:
-            bound = float(config.getini("parity_bound"))
-        except ValueError:
-            raise pytest.UsageError(f"ini parity_bound {config.getini('parity_bound')!r}: expected a number") from None
-    if bound is not None and not bound >= 1:
-        raise pytest.UsageError(f"parity bound {bound}: expected a ratio >= 1")
-    config.detr_parity_bound = bound
     coco_path = config.getoption("--coco-path")
     if coco_path is not None and not os.path.isdir(coco_path):
         raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")
     try:
         import_plugins(config.getoption("--xpu-plugin"))
-        config.detr_device = resolve_device(config.getoption("--xpu"))
+        config.detr_xpu = resolve(config.getoption("--xpu"))
+        config.detr_device = config.detr_xpu.device
     except DeviceError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -112,4 +104,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
 
 
 def pytest_report_header(config: pytest.Config):
-    return f"device under test: {config.detr_device} (--xpu {config.getoption('--xpu')}); precision: {','.join(config.detr_precisions)}; model: {config.getoption('--model-config')}"
+    return f"device under test: {config.detr_xpu.label} (--xpu {config.getoption('--xpu')}); precision: {','.join(config.detr_precisions)}; model: {config.getoption('--model-config')}"
+
+
+def faults_never_fired(config: pytest.Config) -> list:
+    """The ``--inject-fault`` specs that no selected test fired (tests add to ``detr_fault_fired``)."""
+    fired = getattr(config, "detr_fault_fired", Counter())
+    return [spec for spec in getattr(config, "detr_faults", []) if not fired[spec]]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    """A fault that fired nowhere proves nothing: a typo, or an op that the selected tests never
+    run. That fails the session instead of passing silently."""
+    if session.testscollected and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) \
+            and faults_never_fired(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    missed = faults_never_fired(config)
+    if missed and terminalreporter._session.testscollected:
+        terminalreporter.section("injected faults", red=True)
+        for spec in missed:
+            terminalreporter.write_line(f"ERROR: --inject-fault {spec!r} never fired: no selected test ran an op "
+                                        "that matches it", red=True)

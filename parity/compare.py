@@ -2,10 +2,12 @@
 device), isolated replay of the baseline's ops on the device, a whole-run comparison, and an
 end-to-end check of the part's outputs and parameter gradients.
 
-``passed`` means every replayed op passed and the final outputs and gradients pass the same rule;
-the whole-run rows show how error accumulates but do not decide on their own (an op may inherit a
-little more error than the baseline by chance). Dropout and other random ops are skipped in
-replay; run the part in eval mode or with p=0 so that the three runs draw the same numbers.
+``passed`` means every replayed op is within its allowance (:mod:`parity.errormodel`) and every
+final output and gradient lies inside the envelope of an ensemble of perturbed CPU baselines
+(:mod:`parity.ensemble`), with the same structure as the baseline's: as many outputs, tensors
+where it has tensors, gradients where it has gradients. The whole-run rows show how error
+accumulates but do not decide. Dropout and other random ops are skipped in replay; run the part in
+eval mode or with p=0 so that the runs draw the same numbers.
 """
 import contextlib
 import copy
@@ -15,10 +17,12 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils import _pytree as pytree
 
+from . import ensemble
 from .capture import Trace, capture, cpu_copy
-from .device import Device
+from .device import Device, resolve
+from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_faults
-from .judge import OutputJudgement, judge_float, judge_integer
+from .judge import OutputJudgement, judge_integer
 from .precision import Precision, cast_tree
 from .replay import OpCheck, ReplayResult, WholeRun, compare_runs, replay
 
@@ -34,7 +38,7 @@ class EndToEnd:
 
     def row(self) -> dict:
         j = self.judgement
-        return {"name": self.name, "verdict": j.verdict, "ratio": j.ratio,
+        return {"name": self.name, "verdict": j.verdict, "margin": j.margin, "baseline_margin": j.baseline_margin,
                 **({k: getattr(j.device, k) for k in ("max_abs", "max_rel", "cosine", "rmse")} if j.device else {}),
                 "baseline_rmse": j.baseline.rmse if j.baseline else None}
 
@@ -44,13 +48,13 @@ class PartResult:
     part: str
     device: str
     precision: str
-    bound: float
     replay: ReplayResult
     end_to_end: List[EndToEnd]
     whole_run: Optional[WholeRun] = None
     faults: List[FaultSpec] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     rerun_options: str = ""
+    ensemble_size: int = 0
 
     @property
     def passed(self) -> bool:
@@ -74,13 +78,9 @@ class PartResult:
         failing = [e for e in self.end_to_end if not e.judgement.passed]
         if not failing:
             return None
-        rows = self.whole_run.rows if self.whole_run else []
-        row = next((r for r in rows if r["verdict"].startswith("fail")), None)
-        if row is not None:
-            return {**_failure_fields(row), "source": "whole run"}
         end = failing[0].row()
         return {"index": None, "op": None, "overload": None, "module": failing[0].name, "phase": "end-to-end",
-                "shapes": None, **{k: end.get(k) for k in ("max_abs", "max_rel", "cosine", "rmse", "ratio")},
+                "shapes": None, **{k: end.get(k) for k in ("max_abs", "max_rel", "cosine", "rmse", "margin")},
                 "verdict": end["verdict"], "source": "end-to-end"}
 
     def rows(self) -> List[dict]:
@@ -88,6 +88,9 @@ class PartResult:
 
     def worst(self) -> Optional[OpCheck]:
         return self.replay.worst()
+
+    def worst_end_to_end(self) -> Optional[EndToEnd]:
+        return max(self.end_to_end, key=lambda e: e.judgement.margin, default=None)
 
     def rerun_command(self, nodeid: Optional[str] = None) -> str:
         target = f"'{nodeid}'" if nodeid else "<test id>"
@@ -100,7 +103,7 @@ class PartResult:
         fail = self.first_failure
         if fail is None:
             return ""
-        lines = [f"{self.part} [{self.precision} on {self.device}, bound {self.bound:g}]: {fail['source']} failed"]
+        lines = [f"{self.part} [{self.precision} on {self.device}]: {fail['source']} failed"]
         if fail["op"]:
             lines.append(f"  first failing op: #{fail['index']} {fail['overload']} ({fail['phase']}) "
                          f"in module {fail['module']}")
@@ -109,7 +112,8 @@ class PartResult:
             lines.append(f"  output: {fail['module']}")
         if fail.get("rmse") is not None:
             lines.append(f"  max abs {fail['max_abs']:.3g}, max rel {fail['max_rel']:.3g}, "
-                         f"cosine {fail['cosine']:.6f}, rmse {fail['rmse']:.3g}, error ratio {fail['ratio']:.3g}")
+                         f"cosine {fail['cosine']:.6f}, rmse {fail['rmse']:.3g}, "
+                         f"error {fail['margin']:.3g}x its allowance")
         lines.append(f"  verdict: {fail['verdict']}")
         lines.append(f"  {self.ops_checked} ops checked, {sum(not c.passed for c in self.replay.checks)} failed")
         if self.faults:
@@ -120,9 +124,13 @@ class PartResult:
 
     def to_dict(self, nodeid: Optional[str] = None) -> dict:
         """The report entry of this part (see :mod:`parity.report`)."""
+        worst_end = self.worst_end_to_end()
         return {
             "nodeid": nodeid, "part": self.part, "device": self.device, "precision": self.precision,
-            "bound": self.bound, "passed": self.passed, "ops_checked": self.ops_checked,
+            "passed": self.passed, "ops_checked": self.ops_checked,
+            "worst_op_margin": self.worst().margin if self.worst() else None,
+            "worst_end_to_end_margin": worst_end.judgement.margin if worst_end else None,
+            "ensemble_size": self.ensemble_size,
             "ops_skipped": len(self.replay.skipped), "first_failure": self.first_failure,
             "ops": self.rows(), "whole_run": self.whole_run.as_dict() if self.whole_run else None,
             "end_to_end": [e.row() for e in self.end_to_end],
@@ -133,7 +141,7 @@ class PartResult:
 
 def _failure_fields(row: dict) -> dict:
     keys = ("index", "op", "overload", "module", "phase", "shapes", "max_abs", "max_rel", "cosine", "rmse",
-            "ratio", "verdict")
+            "margin", "verdict")
     return {k: row.get(k) for k in keys}
 
 
@@ -165,8 +173,8 @@ class _Run:
 
 def _execute(module: torch.nn.Module, inputs: Any, run: RunFn, device: torch.device, backend, autocast,
              seed: int, keep: Optional[str], faults: Sequence[FaultSpec]) -> _Run:
-    """One run. ``backend`` (TF32 switches and emulation) wraps the capture so that emulation's own
-    ops stay out of the trace; ``autocast`` wraps only ``run``."""
+    """One run. ``backend`` (TF32 switches and emulation, the device's kernel switches) wraps the
+    capture so that emulation's own ops stay out of the trace; ``autocast`` wraps only ``run``."""
     def body():
         with autocast:
             out = run(module, inputs)
@@ -196,38 +204,93 @@ def _named_leaves(out: Any) -> List[Tuple[str, Any]]:
     return [(f"output[{i}]", leaf) for i, leaf in enumerate(pytree.tree_leaves(out))]
 
 
-def _end_to_end(golden: _Run, baseline: _Run, device: _Run, bound: float) -> List[EndToEnd]:
+def _leaves(run: _Run) -> List[Tuple[str, Any]]:
+    return _named_leaves(run.outputs) + list(run.grads)
+
+
+def _missing(name: str, baseline: Any, device: Any) -> Optional[str]:
+    """Why one leaf of the device's result does not match the baseline's kind, or None."""
+    b_tensor, d_tensor = isinstance(baseline, torch.Tensor), isinstance(device, torch.Tensor)
+    if name.startswith("grad ") and (baseline is None) != (device is None):
+        side = "device" if device is None else "baseline"
+        return f"fail: gradient is None on the {side} but not on the {'baseline' if side == 'device' else 'device'}"
+    if b_tensor and not d_tensor:
+        return f"fail: expected a tensor, the device returned {type(device).__name__}"
+    if d_tensor and not b_tensor:
+        return f"fail: the device returned a tensor where the baseline returned {type(baseline).__name__}"
+    if not b_tensor and baseline != device:
+        return f"fail: device returned {device!r}, baseline {baseline!r}"
+    return None
+
+
+def _end_to_end(golden: _Run, baseline: _Run, device: _Run, members: Sequence[_Run]) -> List[EndToEnd]:
+    """Every final output and gradient: structure first, then floats against the ensemble."""
+    g, b, d = _leaves(golden), _leaves(baseline), _leaves(device)
+    if len(d) != len(b) or [n for n, _ in d] != [n for n, _ in b]:
+        extra = sorted({n for n, _ in d} ^ {n for n, _ in b})
+        verdict = (f"fail: the device returned {len(d)} outputs and gradients, the baseline {len(b)}"
+                   + (f" (differing: {', '.join(extra[:5])})" if extra else ""))
+        return [EndToEnd("outputs", OutputJudgement(0, "structure", False, verdict, float("inf")))]
+    runs = [_leaves(baseline)] + [_leaves(m) for m in members]
+    tests = sum(isinstance(t, torch.Tensor) and t.is_floating_point() for _, t in b)
     results = []
-    pairs = list(zip(_named_leaves(golden.outputs), _named_leaves(baseline.outputs), _named_leaves(device.outputs)))
-    pairs += list(zip(golden.grads, baseline.grads, device.grads))
-    for (name, g), (_, b), (_, d) in pairs:
-        if not all(isinstance(t, torch.Tensor) for t in (g, b, d)):
+    for i, ((name, tg), (_, tb), (_, td)) in enumerate(zip(g, b, d)):
+        problem = _missing(name, tb, td)
+        if problem:
+            results.append(EndToEnd(name, OutputJudgement(0, "structure", False, problem, float("inf"))))
+        elif not isinstance(tb, torch.Tensor):
             continue
-        if b.is_floating_point():
-            results.append(EndToEnd(name, judge_float(d, b, g, bound, check_dtype=False)))
+        elif tb.is_floating_point():
+            draws = [run[i][1] if i < len(run) else None for run in runs]
+            results.append(EndToEnd(name, ensemble.judge_against_ensemble(td, tb, tg, draws, tests)))
         else:
-            results.append(EndToEnd(name, judge_integer(d, b, g)))
+            results.append(EndToEnd(name, judge_integer(td, tb, tg)))
     return results
 
 
+def _ensemble(part: str, source: torch.nn.Module, inputs: Any, run: RunFn, precision: Precision,
+              device: Device, seed: int, size: int) -> List[_Run]:
+    """``size`` CPU runs in ``precision`` with weights and inputs moved by up to one ulp, cached by
+    part, precision, seed and the content of weights and inputs."""
+    cpu = torch.device("cpu")
+    autocast_dtype = precision.autocast_dtype(device.device)
+
+    def build() -> List[_Run]:
+        members = []
+        for j in range(size):
+            generator = torch.Generator().manual_seed(1_000_003 * (j + 1) + seed)
+            module, member_inputs = precision.prepare(copy.deepcopy(source), inputs, cpu)
+            module = ensemble.perturb_module(module, generator)
+            member_inputs = ensemble.perturb_inputs(member_inputs, generator)
+            members.append(_execute(module, member_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
+                                    precision.autocast(cpu, autocast_dtype), seed, None, ()))
+        return members
+
+    key = (part, precision.name, str(autocast_dtype), seed, size, ensemble.digest(source.state_dict(), inputs))
+    return ensemble.CACHE.get(key, build)
+
+
 def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Module], inputs: Any,
-                 run: RunFn, device: Union[str, torch.device], precision: Union[str, Precision],
-                 faults: Sequence[Union[str, FaultSpec]] = (), bound: Optional[float] = None, *,
-                 seed: int = 0, keep: str = "outputs", whole_run: bool = True, replay_ops: bool = True) -> PartResult:
-    """Checks one part on ``device`` in ``precision``.
+                 run: RunFn, device: Union[str, torch.device, Device], precision: Union[str, Precision],
+                 faults: Sequence[Union[str, FaultSpec]] = (), model: Optional[ErrorModel] = None, *,
+                 seed: int = 0, keep: str = "outputs", whole_run: bool = True, replay_ops: bool = True,
+                 ensemble_size: int = ensemble.ENSEMBLE_SIZE) -> PartResult:
+    """Checks one part on ``device`` (a torch device, a device string such as ``cpu-alt``, or a
+    :class:`~parity.device.Device`) in ``precision``.
 
     ``build`` makes the module (or is it); its weights are copied into a float64 CPU golden, a CPU
-    baseline and a device copy. ``inputs`` is a pytree of tensors, cast and moved like the weights.
-    ``run(module, inputs)`` returns a scalar loss or outputs; when they require grad, backward runs
-    (from 1 for a scalar, else from fixed random gradients). ``faults`` perturb only the device's run
-    and its replayed ops. ``bound`` defaults to ``precision.default_bound``. ``keep`` is what the
-    golden and device traces hold for the whole-run comparison (``"outputs"`` or ``"stats"``).
-    ``replay_ops=False`` skips isolated replay: only the final outputs and gradients (and the
-    whole run, if asked) are judged, for long runs whose every op another check already replays.
+    baseline, the ensemble's perturbed CPU baselines and a device copy. ``inputs`` is a pytree of
+    tensors, cast and moved like the weights. ``run(module, inputs)`` returns a scalar loss or
+    outputs; when they require grad, backward runs (from 1 for a scalar, else from fixed random
+    gradients). ``faults`` perturb only the device's run and its replayed ops. ``model`` gives each
+    op's allowance (default: the device's table). ``keep`` is what the golden and device traces
+    hold for the whole-run comparison (``"outputs"`` or ``"stats"``). ``replay_ops=False`` skips
+    isolated replay: only the final outputs and gradients (and the whole run, if asked) are judged,
+    for long runs whose every op another check already replays.
     """
-    device = torch.device(device)
+    dut = device if isinstance(device, Device) else (resolve(device) if isinstance(device, str) else Device(device))
     precision = precision if isinstance(precision, Precision) else Precision(precision)
-    bound = precision.default_bound if bound is None else float(bound)
+    model = model or ErrorModel(dut.error_backend())
     faults = parse_faults(faults)
     source = build if isinstance(build, torch.nn.Module) else build()
     source = copy.deepcopy(source).cpu()
@@ -239,14 +302,17 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
                       Precision("fp32").backend(cpu), contextlib.nullcontext(), seed, trace_keep, ())
     base_module, base_inputs = precision.prepare(copy.deepcopy(source), inputs, cpu)
     baseline = _execute(base_module, base_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
-                        precision.autocast(cpu, precision.autocast_dtype(device)), seed,
+                        precision.autocast(cpu, precision.autocast_dtype(dut.device)), seed,
                         "tensors" if replay_ops else trace_keep, ())
-    dev_module, dev_inputs = precision.prepare(copy.deepcopy(source), inputs, device)
-    dut = _execute(dev_module, dev_inputs, run, device, precision.backend(device), precision.autocast(device),
-                   seed, trace_keep, faults)
+    members = _ensemble(part, source, inputs, run, precision, dut, seed, ensemble_size)
+    dev_module, dev_inputs = precision.prepare(copy.deepcopy(source), inputs, dut.device)
+    with dut.kernels():
+        result = _execute(dev_module, dev_inputs, run, dut.device, precision.backend(dut.device),
+                          precision.autocast(dut.device), seed, trace_keep, faults)
 
-    replayed = replay(baseline.trace, device, precision, bound, faults) if replay_ops else ReplayResult([])
-    whole = compare_runs(golden.trace, baseline.trace, dut.trace, bound) if whole_run else None
+    replayed = replay(baseline.trace, dut.device, precision, model, faults, dut.kernels) if replay_ops \
+        else ReplayResult([])
+    whole = compare_runs(golden.trace, baseline.trace, result.trace) if whole_run else None
     notes = []
     if replayed.skipped:
         names = sorted({c.overload for c in replayed.skipped})
@@ -260,5 +326,5 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
             notes.append(f"whole run diverged at {whole.diverged}")
     notes += [f"fault {spec!r} never fired: no op of this part matches it" for spec in
               [f.spec for f in never_fired(faults)]]
-    return PartResult(part, str(device), precision.name, bound, replayed,
-                      _end_to_end(golden, baseline, dut, bound), whole, faults, notes)
+    return PartResult(part, dut.label, precision.name, replayed, _end_to_end(golden, baseline, result, members),
+                      whole, faults, notes, ensemble_size=len(members) + 1)

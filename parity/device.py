@@ -1,9 +1,17 @@
 """The device under test: resolution of ``--xpu`` and ``--xpu-plugin``, and one small interface
-(synchronise, memory, name, seed, autocast dtype, TF32) over torch.accelerator and the older
-per-backend modules, so that vendors' lagging torch builds (>= 2.1) keep working."""
+(synchronise, memory, name, seed, autocast dtype, TF32, kernel switches) over torch.accelerator
+and the older per-backend modules, so that vendors' lagging torch builds (>= 2.1) keep working.
+
+``cpu-alt`` is the CPU with other real kernels: oneDNN off (convolutions and their gradients take
+ATen's native kernels) and one thread (sums, norms and matmuls split their work differently). It
+is a correct implementation that is not the baseline, so every machine can show that the parity
+rule passes a correct device: with ``cpu`` the device runs the baseline's own kernels.
+"""
+import contextlib
 import importlib
+import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -64,6 +72,37 @@ def available_backends() -> List[str]:
     return found + ["cpu"]
 
 
+@contextlib.contextmanager
+def _other_cpu_kernels() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            # flags() also sets oneDNN's TF32 switch and warns that this build has no Intel GPU.
+            warnings.simplefilter("ignore", UserWarning)
+            flags = torch.backends.mkldnn.flags(enabled=False)
+            flags.__enter__()
+        try:
+            yield
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                flags.__exit__(None, None, None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Named variants of a device: name -> (device type, the context its runs and replayed ops use).
+VARIANTS = {"cpu-alt": ("cpu", _other_cpu_kernels)}
+
+
+def resolve(spec: str) -> "Device":
+    """``--xpu`` as a :class:`Device`: ``auto``, a torch device string, or a variant (``cpu-alt``)."""
+    if spec in VARIANTS:
+        return Device(torch.device(VARIANTS[spec][0]), variant=spec)
+    return Device(resolve_device(spec))
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> the best available device; any torch device string otherwise, checked for use."""
     if spec == "auto":
@@ -73,7 +112,7 @@ def resolve_device(spec: str) -> torch.device:
     except (RuntimeError, ValueError) as exc:
         raise DeviceError(
             f"--xpu {spec!r} is not a torch device ({exc}). Accepted: auto, cpu, or a device "
-            f"string such as cuda, cuda:1, xpu, npu:0 (available here: {', '.join(available_backends())})"
+            f"string such as cuda, cuda:1, xpu, npu:0, or {', '.join(VARIANTS)} (available here: {', '.join(available_backends())})"
         ) from None
     if not _backend_available(device.type):
         raise DeviceError(
@@ -103,10 +142,21 @@ class Device:
     """Uniform operations on one device; every method is a no-op or a best estimate on the CPU."""
 
     device: torch.device
+    variant: Optional[str] = None
 
     @property
     def type(self) -> str:
         return self.device.type
+
+    @property
+    def label(self) -> str:
+        """``cpu-alt`` for a variant, else the torch device string (``cuda:0``)."""
+        return self.variant or str(self.device)
+
+    def kernels(self) -> ContextManager:
+        """The context every run and replayed op of this device executes in: a variant's kernel
+        switches, else nothing."""
+        return VARIANTS[self.variant][1]() if self.variant else contextlib.nullcontext()
 
     def _module(self):
         return _backend_module(self.device.type)
@@ -164,6 +214,10 @@ class Device:
         module = self._module()
         if self.device.type != "cpu" and hasattr(module, "manual_seed_all"):
             module.manual_seed_all(seed)
+
+    def error_backend(self) -> str:
+        """The error model's table for this device (``cuda`` or ``default``)."""
+        return self.device.type
 
     def autocast_dtype(self) -> torch.dtype:
         """The low-precision dtype that ``torch.autocast`` uses on this device."""

@@ -3,8 +3,8 @@ localises wrong ops. A spec is ``<namespace>.<op>[.<overload>]:<kind>[=<value>]`
 ``aten.softmax:noise=1e-3``, ``aten.mm:round=tf32``, ``aten.native_layer_norm:nan``.
 
 Faults perturb the floating outputs of every matching op call; they never touch integer outputs,
-and never view ops (whose outputs share memory with their inputs). A packet name matches every
-overload; a composite op that the dispatcher decomposes before any mode sees it (``aten.softmax``)
+and never view ops (whose outputs share memory with their inputs). ``*`` matches every op (e.g.
+``*:ulp=1``, a device that rounds faithfully everywhere). A packet name matches every overload; a composite op that the dispatcher decomposes before any mode sees it (``aten.softmax``)
 also matches the op it becomes (``aten._softmax``), see :data:`DECOMPOSED_TO`.
 """
 import contextlib
@@ -17,20 +17,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .precision import round_to_tf32
+from .ulp import perturb_ulps
 
 KINDS = {
     "noise": "noise=<relative std>: multiplies each element by (1 + std * N(0, 1)), fixed seed",
     "offset": "offset=<abs>: adds a constant",
     "scale": "scale=<factor>: multiplies by a factor",
     "round": "round=bf16|fp16|tf32: rounds to that format (tf32: 10-bit mantissa)",
+    "ulp": "ulp=<k>: moves each element by a uniform random whole number of ulps, at most k (a correct "
+           "device's last-bit error), fixed seed",
     "nan": "nan[=<fraction>]: one element (or that fraction of them) becomes NaN",
     "inf": "inf[=<fraction>]: one element (or that fraction of them) becomes +Inf",
     "zero": "zero[=<fraction>]: every element (or that fraction of them) becomes 0",
     "delay": "delay=<seconds>: sleeps after the op (a slow device, for benchmark gates)",
 }
-VALUE_REQUIRED = ("noise", "offset", "scale", "round", "delay")
+VALUE_REQUIRED = ("noise", "offset", "scale", "round", "delay", "ulp")
+EVERY_OP = "*"
 ROUND_FORMATS = ("bf16", "fp16", "tf32")
-GRAMMAR = "<namespace>.<op>[.<overload>]:<kind>[=<value>], e.g. aten.softmax:noise=1e-3"
+GRAMMAR = "<namespace>.<op>[.<overload>]:<kind>[=<value>] or *:<kind>[=<value>], e.g. aten.softmax:noise=1e-3"
 
 # Composite ops never reach a dispatch mode; a fault on them applies to what they decompose into.
 DECOMPOSED_TO = {
@@ -60,7 +64,7 @@ class FaultSpec:
 
     def matches(self, func: torch._ops.OpOverload) -> bool:
         packet, full = str(func.overloadpacket), str(func)
-        return self.op in (packet, full) or packet in DECOMPOSED_TO.get(self.op, ())
+        return self.op in (EVERY_OP, packet, full) or packet in DECOMPOSED_TO.get(self.op, ())
 
     def apply(self, output: torch.Tensor) -> torch.Tensor:
         """The faulted version of one floating output; any shape, same dtype and device."""
@@ -70,6 +74,8 @@ class FaultSpec:
         if self.kind == "noise":
             noise = torch.randn(x.shape, generator=self._generator()).to(x.device)
             return (x.float() * (1 + self.value * noise)).to(x.dtype)
+        if self.kind == "ulp":
+            return perturb_ulps(x, self.value, self._generator())
         if self.kind == "offset":
             return x + self.value
         if self.kind == "scale":
@@ -150,7 +156,7 @@ def parse_fault(spec: str, seed: int = 0) -> FaultSpec:
             raise ValueError(f"fault spec {spec!r}: value must be finite")
         if kind in ("nan", "inf", "zero") and not 0 < value <= 1:
             raise ValueError(f"fault spec {spec!r}: {kind} takes a fraction in (0, 1], got {raw}")
-        if kind in ("noise", "delay") and value < 0:
+        if kind in ("noise", "delay", "ulp") and value < 0:
             raise ValueError(f"fault spec {spec!r}: {kind} must not be negative, got {raw}")
     return FaultSpec(spec=spec.strip(), op=op, kind=kind, value=value, seed=seed)
 
@@ -161,6 +167,8 @@ def parse_faults(specs: Iterable[Union[str, FaultSpec]]) -> List[FaultSpec]:
 
 
 def _check_op(op: str, spec: str) -> None:
+    if op == EVERY_OP:
+        return
     parts = op.split(".")
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(f"fault spec {spec!r}: op {op!r} must be <namespace>.<op>[.<overload>], "

@@ -1,5 +1,5 @@
-"""The numeric precision a part runs in: how its module and inputs are cast, which switches
-(autocast, TF32) are on while it runs, and how much worse than the CPU the device may be.
+"""The numeric precision a part runs in: how its module and inputs are cast, and which switches
+(autocast, TF32) are on while it runs.
 
 ``fp32``  float32, TF32 off.
 ``tf32``  float32 with TF32 allowed in matmuls and convolutions. The CPU baseline cannot be
@@ -20,7 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .device import Device
 
 PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
-DEFAULT_BOUNDS = {"fp32": 2.0, "tf32": 3.0, "amp": 3.0, "fp16": 3.0, "bf16": 3.0}
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Ops whose float32 inputs a TF32 device rounds; the emulated CPU baseline rounds them likewise.
@@ -62,11 +61,6 @@ class Precision:
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def default_bound(self) -> float:
-        """How many times the baseline's error against golden the device's error may reach."""
-        return DEFAULT_BOUNDS[self.name]
 
     def cast_dtype(self) -> torch.dtype:
         """The dtype parameters and floating inputs are cast to."""

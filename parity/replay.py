@@ -11,20 +11,25 @@ reported as skipped: their outputs depend on the device's generator, and the ops
 dropout mask are still replayed with the baseline's mask. Where a float64 kernel is missing on the
 CPU the golden falls back to float32, then to the baseline output itself, and the check says so.
 
-The whole-run comparison aligns the golden, baseline and device traces op by op and shows how
-error accumulates through the model.
+Each output is judged against its allowance from :class:`~parity.errormodel.ErrorModel`, computed
+from the op's own float64 inputs. The whole-run comparison aligns the golden, baseline and device
+traces op by op and shows how error accumulates through the model, as the ratio of the device's
+RMSE to the baseline's: information, not a verdict, since inherited error is not the op's fault.
 """
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
 from .capture import OpRecord, Trace, cpu_copy, flat_outputs
+from .errormodel import ErrorModel
 from .faults import FaultSpec, apply_faults, parse_faults
 from .judge import OutputJudgement, judge_float, judge_integer
-from .metrics import bind_arguments, is_index_output, selected_values
+from .metrics import as_numpy64, bind_arguments, compare_finite, is_index_output, rms_finite, selected_values
 from .precision import Precision
 
 # Arguments that ask for low-precision results and make no sense for a float64 golden.
@@ -58,16 +63,17 @@ class OpCheck:
 
     @property
     def worst(self) -> Optional[OutputJudgement]:
-        """The first failing output, else the one with the largest ratio."""
+        """The first failing output, else the one with the largest margin."""
         failing = [o for o in self.outputs if not o.passed]
         if failing:
             return failing[0]
-        return max(self.outputs, key=lambda o: o.ratio, default=None)
+        return max(self.outputs, key=lambda o: o.margin, default=None)
 
     @property
-    def ratio(self) -> float:
+    def margin(self) -> float:
+        """The worst output's error in units of its allowance (<= 1 passes)."""
         worst = self.worst
-        return worst.ratio if worst is not None else 0.0
+        return worst.margin if worst is not None else 0.0
 
     def row(self) -> dict:
         """Flat dict for reports: identity, worst output's metrics, verdict."""
@@ -79,7 +85,9 @@ class OpCheck:
             "max_abs": dev.max_abs if dev else None, "max_rel": dev.max_rel if dev else None,
             "cosine": dev.cosine if dev else None, "rmse": dev.rmse if dev else None,
             "baseline_rmse": worst.baseline.rmse if worst is not None and worst.baseline else None,
-            "ratio": self.ratio if self.status != "skipped" else None,
+            "margin": self.margin if self.status != "skipped" else None,
+            "baseline_margin": worst.baseline_margin if worst is not None else None,
+            "allowance": worst.component if worst is not None else None,
             "golden": self.golden, "faults": list(self.faults),
         }
 
@@ -105,9 +113,9 @@ class ReplayResult:
         return sum(c.status != "skipped" for c in self.checks)
 
     def worst(self) -> Optional[OpCheck]:
-        """The judged op with the largest error ratio."""
+        """The judged op with the largest margin."""
         judged = [c for c in self.checks if c.status != "skipped"]
-        return max(judged, key=lambda c: c.ratio, default=None)
+        return max(judged, key=lambda c: c.margin, default=None)
 
 
 def _to_golden(tree: Any, dtype: torch.dtype) -> Any:
@@ -148,12 +156,23 @@ def _fixup(record: OpRecord, args, kwargs):
     return tuple(args), kwargs
 
 
-def golden_outputs(record: OpRecord) -> Tuple[List[Optional[torch.Tensor]], str]:
+@dataclass
+class Golden:
+    """An op's golden outputs (flat), its arguments bound by name in the golden's dtype (before the
+    op ran: in-place ops mutate a copy), and which golden it is."""
+
+    outputs: List[Optional[torch.Tensor]]
+    args: dict
+    note: str
+
+
+def golden_outputs(record: OpRecord) -> Golden:
     """Re-runs ``record``'s op on the CPU in float64; falls back to float32, then to the baseline
-    output. Returns flat outputs and a note saying which golden it is."""
+    output."""
     errors = []
     for dtype in (torch.float64, torch.float32):
         args, kwargs = _fixup(record, *_to_golden((record.args, record.kwargs), dtype))
+        inputs = bind_arguments(record.func, *_to_golden((args, kwargs), dtype))
         try:
             with Precision("fp32").backend("cpu"):
                 out = flat_outputs(record.func(*args, **kwargs))
@@ -161,23 +180,24 @@ def golden_outputs(record: OpRecord) -> Tuple[List[Optional[torch.Tensor]], str]
             errors.append(f"{str(dtype)[6:]}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             continue
         if dtype == torch.float64:
-            return out, "float64"
-        return out, f"float32 (float64 failed: {errors[0]})"
-    return list(record.outputs), f"baseline (no higher-precision CPU kernel: {'; '.join(errors)})"
+            return Golden(out, inputs, "float64")
+        return Golden(out, inputs, f"float32 (float64 failed: {errors[0]})")
+    inputs = bind_arguments(record.func, record.args, record.kwargs)
+    return Golden(list(record.outputs), inputs, f"baseline (no higher-precision CPU kernel: {'; '.join(errors)})")
 
 
 def device_outputs(record: OpRecord, device: torch.device, precision: Precision,
-                   faults: Sequence[FaultSpec] = ()) -> List[Optional[torch.Tensor]]:
+                   faults: Sequence[FaultSpec] = (), context=None) -> List[Optional[torch.Tensor]]:
     """Re-runs ``record``'s op on ``device`` with the baseline's exact inputs; faults applied."""
     args, kwargs = _to_device((record.args, record.kwargs), device)
-    with precision.backend(device):
+    with precision.backend(device), (context() if context else contextlib.nullcontext()):
         out = apply_faults(faults, record.func, record.func(*args, **kwargs))
     return [cpu_copy(t) for t in flat_outputs(out)]
 
 
-def judge_record(record: OpRecord, device_out: Sequence, golden_out: Sequence, bound: float) -> List[OutputJudgement]:
+def judge_record(record: OpRecord, device_out: Sequence, golden: Golden, model: ErrorModel) -> List[OutputJudgement]:
     """Judges each output position of one op (positions that are non-tensors everywhere are left out)."""
-    baseline_out = record.outputs
+    baseline_out, golden_out = record.outputs, golden.outputs
     if not (len(device_out) == len(baseline_out) == len(golden_out)):
         return [OutputJudgement(0, "float", False, f"fail: op returned {len(device_out)} outputs, "
                                 f"baseline {len(baseline_out)}, golden {len(golden_out)}", math.inf)]
@@ -191,20 +211,26 @@ def judge_record(record: OpRecord, device_out: Sequence, golden_out: Sequence, b
         elif is_index_output(record.op, pos, b):
             values = [selected_values(record.func, record.args, record.kwargs, t) for t in (d, b, g)]
             source_dtype = bind_arguments(record.func, record.args, record.kwargs)["self"].dtype
-            judgements.append(judge_float(*values, bound, dtype=source_dtype, position=pos, kind="index",
-                                          check_dtype=False))
+            allowance = model.for_values(values[2], values[1], source_dtype)
+            judgements.append(judge_float(*values, allowance, position=pos, kind="index", check_dtype=False))
         elif b.is_floating_point() or b.is_complex():
-            judgements.append(judge_float(d, b, g, bound, position=pos))
+            if tuple(g.shape) != tuple(b.shape):
+                judgements.append(judge_float(d, b, g, model.for_values(b, b, b.dtype), position=pos))
+                continue
+            allowance = model.allowance(record.op, golden.args, golden_out, pos, b)
+            judgements.append(judge_float(d, b, g, allowance, position=pos))
         else:
             judgements.append(judge_integer(d, b, g, position=pos))
     return judgements
 
 
 def replay(trace: Trace, device: torch.device, precision: Precision = Precision("fp32"),
-           bound: Optional[float] = None, faults: Sequence = ()) -> ReplayResult:
+           model: Optional[ErrorModel] = None, faults: Sequence = (), context=None) -> ReplayResult:
     """Isolated replay of every op of a baseline ``trace`` (captured with ``keep="tensors"``) on
-    ``device`` in ``precision``; ``faults`` perturb the device's ops (their counters go up)."""
-    bound = precision.default_bound if bound is None else bound
+    ``device`` in ``precision``, each output judged against ``model``'s allowance; ``faults``
+    perturb the device's ops (their counters go up). ``context`` (a zero-argument callable that
+    returns a context manager) wraps each device op: the device's own kernel switches."""
+    model = model or ErrorModel()
     faults = parse_faults(faults)
     checks = []
     for record in trace:
@@ -218,7 +244,7 @@ def replay(trace: Trace, device: torch.device, precision: Precision = Precision(
             continue
         fired = [f.fired for f in faults]
         try:
-            dev = device_outputs(record, device, precision, faults)
+            dev = device_outputs(record, device, precision, faults, context)
         except Exception as exc:
             check.status = "fail"
             check.verdict = f"fail: device raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -226,8 +252,9 @@ def replay(trace: Trace, device: torch.device, precision: Precision = Precision(
             continue
         finally:
             check.faults = [f.spec for f, n in zip(faults, fired) if f.fired > n]
-        gold, check.golden = golden_outputs(record)
-        check.outputs = judge_record(record, dev, gold, bound)
+        gold = golden_outputs(record)
+        check.golden = gold.note
+        check.outputs = judge_record(record, dev, gold, model)
         failing = [o for o in check.outputs if not o.passed]
         if failing:
             check.status, check.verdict = "fail", failing[0].verdict
@@ -254,7 +281,7 @@ def _aligned(trace: Trace) -> List[OpRecord]:
     return [r for r in trace if r.op not in CAST_OPS]
 
 
-def compare_runs(golden: Trace, baseline: Trace, device: Trace, bound: float) -> WholeRun:
+def compare_runs(golden: Trace, baseline: Trace, device: Trace) -> WholeRun:
     """Aligns three traces of the same computation (cast ops left out) and judges each op's
     outputs as they came out of each run, so errors are inherited and accumulate. The sequences
     should be identical; where they diverge the comparison stops and says where."""
@@ -268,35 +295,45 @@ def compare_runs(golden: Trace, baseline: Trace, device: Trace, bound: float) ->
         if rb.random and not notes:
             notes.append(f"random op {rb.overload} at baseline op #{rb.index}: later whole-run errors include "
                          "different random draws (use eval mode or p=0 to avoid)")
-        rows.append(_whole_run_row(rg, rb, rd, bound))
+        rows.append(_whole_run_row(rg, rb, rd))
     else:
         if not len(g) == len(b) == len(d):
             diverged = f"lengths differ (casts left out): golden {len(g)}, baseline {len(b)}, device {len(d)} ops"
     return WholeRun(rows, len(rows), diverged, notes)
 
 
-def _whole_run_row(rg: OpRecord, rb: OpRecord, rd: OpRecord, bound: float) -> dict:
+def error_ratio(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tensor) -> Optional[dict]:
+    """RMSE(D, G) / RMSE(B, G) over positions finite in all three, the baseline's RMSE floored at a
+    quarter unit of rounding at the golden's RMS (so exact ops do not make 0/0); None when the
+    shapes differ."""
+    if not (tuple(device.shape) == tuple(baseline.shape) == tuple(golden.shape)):
+        return None
+    d, b, g = as_numpy64(device), as_numpy64(baseline), as_numpy64(golden)
+    keep = np.isfinite(d) & np.isfinite(b) & np.isfinite(g)
+    d, b, g = d[keep], b[keep], g[keep]
+    dev, base = compare_finite(d, g), compare_finite(b, g)
+    eps = torch.finfo(baseline.dtype).eps if baseline.is_floating_point() else torch.finfo(torch.float32).eps
+    floor = max(0.25 * eps * rms_finite(g), torch.finfo(torch.float64).tiny)
+    ratio = 0.0 if dev.rmse == 0 else dev.rmse / max(base.rmse, floor)
+    return {"max_abs": dev.max_abs, "max_rel": dev.max_rel, "cosine": dev.cosine, "rmse": dev.rmse,
+            "baseline_rmse": base.rmse, "ratio": ratio, "nonfinite": int((~keep).sum())}
+
+
+def _whole_run_row(rg: OpRecord, rb: OpRecord, rd: OpRecord) -> dict:
     row = {"index": rb.index, "op": rb.op, "overload": rb.overload, "module": rb.module, "phase": rb.phase,
            "shapes": rb.shapes, "max_abs": None, "max_rel": None, "cosine": None, "rmse": None,
-           "baseline_rmse": None, "ratio": None, "verdict": "n/a"}
+           "baseline_rmse": None, "ratio": None}
     if rb.outputs is None or rd.outputs is None or rg.outputs is None:
         stats = [s for s in rd.stats if s is not None]
-        row["verdict"] = "n/a: only stats kept"
         row["device_rms"] = stats[0].rms if stats else None
         return row
-    judged = []
+    ratios = []
     for pos, (tg, tb, td) in enumerate(zip(rg.outputs, rb.outputs, rd.outputs)):
-        if tb is None or td is None or tg is None or is_index_output(rb.op, pos, tb):
+        if tb is None or td is None or tg is None or is_index_output(rb.op, pos, tb) or not tb.is_floating_point():
             continue
-        if tb.is_floating_point():
-            judged.append(judge_float(td, tb, tg, bound, position=pos, check_dtype=False))
-        else:
-            judged.append(judge_integer(td, tb, tg, position=pos))
-    if not judged:
-        return row
-    worst = next((j for j in judged if not j.passed), max(judged, key=lambda j: j.ratio))
-    if worst.device is not None:
-        row.update(max_abs=worst.device.max_abs, max_rel=worst.device.max_rel, cosine=worst.device.cosine,
-                   rmse=worst.device.rmse, baseline_rmse=worst.baseline.rmse)
-    row.update(ratio=worst.ratio, verdict=worst.verdict)
+        found = error_ratio(td, tb, tg)
+        if found is not None:
+            ratios.append(found)
+    if ratios:
+        row.update(max(ratios, key=lambda r: r["ratio"]))
     return row

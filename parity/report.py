@@ -3,9 +3,11 @@
 (part, precision).
 
 A report is ``{"tests": [entry, ...]}``; an entry is :meth:`parity.compare.PartResult.to_dict`:
-``nodeid, part, device, precision, bound, passed, ops_checked, ops_skipped, first_failure`` (a dict
-with ``op, module, phase, shapes, max_abs, max_rel, cosine, rmse, ratio, verdict``, or null),
-``ops`` (one row per replayed op), ``whole_run``, ``end_to_end``, ``faults``, ``notes``.
+``nodeid, part, device, precision, passed, ops_checked, ops_skipped, worst_op_margin,
+worst_end_to_end_margin, ensemble_size, first_failure`` (a dict with ``op, module, phase, shapes,
+max_abs, max_rel, cosine, rmse, margin, verdict``, or null), ``ops`` (one row per replayed op, with
+its ``margin``: the error in units of its allowance, the ``baseline_margin`` and the ``allowance``
+component that set it), ``whole_run``, ``end_to_end``, ``faults``, ``notes``.
 Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so the JSON is strict.
 """
 import contextlib
@@ -86,15 +88,17 @@ def _cell(text: Any) -> str:
 def to_markdown(tests: Iterable[Any], title: str = "Parity report") -> str:
     """Summary table, then per test the first failure, notes, and the worst ops."""
     entries = [_entry(t) for t in tests]
-    lines = [f"# {title}", "", "| test | part | device | precision | result | ops checked | worst ratio | first failure |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "", "Margins are errors in units of their allowance: 1 or less passes.", "",
+             "| test | part | device | precision | result | ops checked | worst op margin | worst end-to-end margin "
+             "| first failure |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         worst = _worst_row(e)
         fail = e.get("first_failure")
         lines.append("| " + " | ".join(_cell(v) for v in (
             e.get("nodeid"), e.get("part"), e.get("device"), e.get("precision"),
             "pass" if e.get("passed") else "**FAIL**", e.get("ops_checked"),
-            f"{_num(worst.get('ratio'))} ({worst.get('overload')})" if worst else None,
+            f"{_num(worst.get('margin'))} ({worst.get('overload')})" if worst else None,
+            _num(e.get("worst_end_to_end_margin")),
             f"{fail.get('overload') or fail.get('module')}: {fail.get('verdict')}" if fail else None)) + " |")
     for e in entries:
         lines += ["", f"## {e.get('part')} ({e.get('precision')} on {e.get('device')})", ""]
@@ -106,25 +110,25 @@ def to_markdown(tests: Iterable[Any], title: str = "Parity report") -> str:
                           f"({fail.get('phase')}) in `{fail.get('module')}`, shapes `{fail.get('shapes')}`: "
                           f"{fail.get('verdict')}. max abs {_num(fail.get('max_abs'))}, max rel "
                           f"{_num(fail.get('max_rel'))}, cosine {_cos(fail.get('cosine'))}, rmse "
-                          f"{_num(fail.get('rmse'))}, error ratio {_num(fail.get('ratio'))}."]
+                          f"{_num(fail.get('rmse'))}, margin {_num(fail.get('margin'))}."]
         for f in e.get("faults") or []:
             lines.append(f"- injected fault `{f['spec']}` fired {f['fired']} time(s)")
         for n in e.get("notes") or []:
             lines.append(f"- note: {n}")
         rows = _interesting_rows(e.get("ops") or [])
         if rows:
-            lines += ["", "| # | op | module | phase | shapes | max abs | max rel | cosine | ratio | verdict |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", "| # | op | module | phase | shapes | max abs | max rel | cosine | margin | CPU margin "
+                          "| allowance | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 lines.append("| " + " | ".join(_cell(v) for v in (
                     r.get("index"), r.get("overload"), r.get("module"), r.get("phase"), r.get("shapes"),
-                    _num(r.get("max_abs")), _num(r.get("max_rel")), _cos(r.get("cosine")), _num(r.get("ratio")),
-                    r.get("verdict"))) + " |")
+                    _num(r.get("max_abs")), _num(r.get("max_rel")), _cos(r.get("cosine")), _num(r.get("margin")),
+                    _num(r.get("baseline_margin")), r.get("allowance"), r.get("verdict"))) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _ratio(row: dict) -> float:
-    value = row.get("ratio")
+def _margin(row: dict) -> float:
+    value = row.get("margin")
     if isinstance(value, str):
         return math.inf if value == "inf" else -1.0
     return -1.0 if value is None else value
@@ -132,13 +136,13 @@ def _ratio(row: dict) -> float:
 
 def _worst_row(entry: dict) -> Optional[dict]:
     rows = [r for r in entry.get("ops") or [] if r.get("status") != "skipped"]
-    return max(rows, key=_ratio, default=None)
+    return max(rows, key=_margin, default=None)
 
 
 def _interesting_rows(rows: List[dict]) -> List[dict]:
-    """Failing ops first (in order), then the largest ratios, at most MAX_MARKDOWN_ROWS."""
+    """Failing ops first (in order), then the largest margins, at most MAX_MARKDOWN_ROWS."""
     failing = [r for r in rows if r.get("status") == "fail"]
-    rest = sorted((r for r in rows if r.get("status") == "pass"), key=_ratio, reverse=True)
+    rest = sorted((r for r in rows if r.get("status") == "pass"), key=_margin, reverse=True)
     return (failing + rest)[:MAX_MARKDOWN_ROWS]
 
 
@@ -155,7 +159,8 @@ def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity"
 
 
 def summary_lines(tests: Iterable[Any]) -> List[str]:
-    """One line per (part, precision): ops checked, worst error ratio and its op, first failure."""
+    """One line per (part, precision): ops checked, the worst op margin and its op, the worst
+    end-to-end margin, the first failure."""
     groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
     for t in tests:
         e = _entry(t)
@@ -163,12 +168,15 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
     lines = []
     for (part, precision), entries in groups.items():
         checked = sum(e.get("ops_checked") or 0 for e in entries)
-        worst = max((w for w in map(_worst_row, entries) if w), key=_ratio, default=None)
+        worst = max((w for w in map(_worst_row, entries) if w), key=_margin, default=None)
         fail = next((e["first_failure"] for e in entries if e.get("first_failure")), None)
         status = "PASS" if all(e.get("passed") for e in entries) else "FAIL"
         line = f"{status} {part} [{precision}]: {checked} ops checked"
         if worst:
-            line += f", worst ratio {_num(worst.get('ratio'))} ({worst.get('overload')} in {worst.get('module')})"
+            line += f", worst op margin {_num(worst.get('margin'))} ({worst.get('overload')} in {worst.get('module')})"
+        ends = [e.get("worst_end_to_end_margin") for e in entries if isinstance(e.get("worst_end_to_end_margin"), float)]
+        if ends:
+            line += f", worst end-to-end margin {_num(max(ends))}"
         line += (f", first failure: {fail.get('overload') or fail.get('module')} in {fail.get('module')}: "
                  f"{fail.get('verdict')}") if fail else ", no failure"
         lines.append(line)

@@ -44,6 +44,10 @@ CATALOGUE = [
 
 @pytest.fixture(scope="module")
 def parts():
+    return tiny_parts()
+
+
+def tiny_parts():
     """part name -> (module, inputs, run) on the tiny model with small images of two sizes."""
     torch.manual_seed(0)
     model, criterion, _ = detr.build("tiny")

@@ -22,7 +22,7 @@ def pytest_run(*args, cwd=ROOT):
     (["--coco-path", "/nonexistent/coco"], "--coco-path '/nonexistent/coco': no such folder"),
     (["--inject-fault", "aten.softmax:wobble"], "unknown kind 'wobble'"),
     (["--inject-fault", "softmax:nan"], "must be <namespace>.<op>[.<overload>]"),
-    (["--parity-bound", "0.5"], "parity bound 0.5: expected a ratio >= 1"),
+    (["--inject-fault", "aten.exp:ulp=-1"], "ulp must not be negative"),
     (["-m", "xpu and 3x8"], "3x8"),
 ])
 def test_bad_values_are_usage_errors(args, message):

@@ -10,7 +10,7 @@ from parity.compare import compare_part
 from parity.report import atomic_write, load_json, summary_lines, to_json, write_report
 
 ENTRY_KEYS = {"nodeid", "part", "device", "precision", "passed", "ops_checked", "first_failure", "ops", "whole_run"}
-FAILURE_KEYS = {"op", "module", "phase", "shapes", "max_abs", "max_rel", "cosine", "rmse", "ratio", "verdict"}
+FAILURE_KEYS = {"op", "module", "phase", "shapes", "max_abs", "max_rel", "cosine", "rmse", "margin", "verdict"}
 
 
 def build():
@@ -44,9 +44,9 @@ def test_json_and_markdown_are_written_and_load(tmp_path, results):
     assert "**FAIL**" in markdown and "aten.native_layer_norm.default" in markdown and "t::broken" in markdown
 
 
-def test_json_is_strict_even_with_infinite_ratios():
-    text = to_json([{"part": "x", "ops": [{"ratio": math.inf, "rmse": math.nan}]}])
-    assert json.loads(text)["tests"][0]["ops"][0] == {"ratio": "inf", "rmse": "nan"}
+def test_json_is_strict_even_with_infinite_margins():
+    text = to_json([{"part": "x", "ops": [{"margin": math.inf, "rmse": math.nan}]}])
+    assert json.loads(text)["tests"][0]["ops"][0] == {"margin": "inf", "rmse": "nan"}
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
@@ -68,6 +68,6 @@ def test_summary_line_per_part_and_precision(results):
     clean, broken = results
     lines = summary_lines([clean, broken])
     assert len(lines) == 2
-    assert lines[0].startswith("PASS mlp [fp32]: ") and "ops checked, worst ratio" in lines[0] and "no failure" in lines[0]
+    assert lines[0].startswith("PASS mlp [fp32]: ") and "ops checked, worst op margin" in lines[0] and "worst end-to-end margin" in lines[0] and "no failure" in lines[0]
     assert lines[1].startswith("FAIL mlp [bf16]: ")
     assert "first failure: aten.native_layer_norm.default in 1: fail: NaN" in lines[1]

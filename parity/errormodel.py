@@ -1,0 +1,411 @@
+"""The error model: how far from the float64 golden a correct implementation of one op may land.
+
+For each element of each output of an op (isolated replay: the device gets the baseline's exact
+inputs) the allowed absolute error is the largest of these components:
+
+``rounding``   ``(ROUNDING_ULPS + REFERENCE_ULPS) * eps * |G|`` and the smallest normal number. Every
+               op may be faithfully rounded rather than correctly rounded (1 ulp: a fused kernel
+               that keeps an intermediate, a scalar operand rounded to the tensor's dtype first).
+               ``REFERENCE_ULPS``: the ulp self-tests add their errors to the CPU's result, which
+               is itself up to one ulp from exact where the CPU kernel is not correctly rounded
+               (measured: the CPU's float32 sqrt is 0.67 ulp off). ``eps * |G|`` bounds ulp(G)
+               from above. The smallest normal allows flushing subnormal results to zero, a common
+               accelerator mode.
+``ulp budget`` ``(budget + REFERENCE_ULPS) * eps * |G|`` for elementwise functions, with the documented
+               worst-case error of the function in ulps (``reference/ACCURACY.md``): the CUDA Math
+               API on ``cuda``, the larger of CUDA's and OpenCL's elsewhere. Half-precision results
+               are computed in float32 and rounded, so their budget is the rounding.
+``fma``        ``eps * |intermediate|`` for compound elementwise ops (addcmul, addcdiv, lerp, add with
+               alpha, the sigmoid and tanh backward): a device may contract ``a * b + c`` into one
+               rounding or not, which moves the result by one rounding of the product.
+``reduction``  ``u * min(K, C_REDUCTION * sqrt(K)) * M`` for sums, means, matmuls, convolutions and
+               their gradients, softmax and layer norm, with ``M = |A| |B|`` (the same op on the
+               absolute values) and ``K`` the number of terms in each sum. ``K * u`` is the worst
+               case of any summation order (Higham, ch. 3); ``C_REDUCTION * sqrt(K) * u`` is Higham
+               and Mary's probabilistic bound with lambda = 2. Real kernels (blocked, pairwise,
+               tree reductions) stay far inside it: the CPU's own worst margin is in the report.
+               A bf16 or TF32 rounding of an fp32 op is 2^13 to 2^16 times u and stays visible.
+               Half-precision sums accumulate in float32 (cuBLAS, cuDNN, oneDNN, the CPU), so u is
+               float32's, plus one rounding of the half type at M: PyTorch allows reduced-precision
+               reductions by default, which may round a split-K partial sum to the half type.
+``baseline``   ``BASELINE_FACTOR * max |B - G|``: a device may be as inexact as the trusted CPU
+               baseline, up to twice its worst error (the multiplier of PyTorch's own fp32 accuracy
+               check). This covers ops the model has no entry for.
+
+An op passes when every element is within its allowance: its *margin*, max |D - G| / allowance,
+is at most 1. Margins are reported for every op, with the component that set the allowance.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+ROUNDING_ULPS = 1.0
+REFERENCE_ULPS = 1.0
+BASELINE_FACTOR = 2.0
+C_REDUCTION = 2.0
+FLOAT32_U = 2.0 ** -24
+
+# Documented worst-case float32 errors in ulps (reference/ACCURACY.md). "cuda": the CUDA Math API,
+# which PyTorch's CUDA kernels call; "default": the larger of CUDA's and the OpenCL full profile's,
+# for backends whose vendor documents nothing tighter. Division counts 2: PyTorch's CUDA kernel
+# divides a tensor by a scalar as a * (1/b).
+ULP_BUDGETS = {
+    "cuda": {"rsqrt": 2, "exp": 2, "exp2": 2, "expm1": 1, "log": 1, "log2": 1, "log10": 2, "log1p": 1,
+             "tanh": 2, "sin": 2, "cos": 2, "tan": 4, "erf": 2, "erfc": 4, "pow": 4, "div": 2,
+             "reciprocal": 1, "sqrt": 1, "atan": 2, "atan2": 3, "asin": 2, "acos": 2},
+    "default": {"rsqrt": 2, "exp": 3, "exp2": 3, "expm1": 3, "log": 3, "log2": 3, "log10": 3, "log1p": 3,
+                "tanh": 5, "sin": 4, "cos": 4, "tan": 5, "erf": 16, "erfc": 16, "pow": 16, "div": 2.5,
+                "reciprocal": 2.5, "sqrt": 3, "atan": 5, "atan2": 6, "asin": 4, "acos": 4},
+}
+# Elementwise ops built from a function of the table and roundings: (function, extra roundings).
+COMPOSED = {"sigmoid": ("exp", 2), "nll_loss_backward": ("div", 1), "nll_loss2d_backward": ("div", 1),
+            "_foreach_div": ("div", 0), "_foreach_sqrt": ("sqrt", 0), "_foreach_exp": ("exp", 0),
+            "_foreach_reciprocal": ("reciprocal", 0), "_foreach_addcdiv": ("div", 0), "addcdiv": ("div", 0)}
+
+
+@dataclass
+class Allowance:
+    """Allowed absolute error per element (flat float64, the output's size) and, per element, which
+    component set it (an index into ``names``)."""
+
+    values: np.ndarray
+    names: List[str]
+    which: np.ndarray
+
+    def component(self, index: int) -> str:
+        return self.names[int(self.which[index])] if self.values.size else "rounding"
+
+
+@dataclass
+class OpContext:
+    """One op as the error model sees it: its packet name without namespace (``mm``), its bound
+    arguments in float64 on the CPU, its golden outputs (float64) and the output position."""
+
+    name: str
+    args: Dict[str, Any]
+    outputs: Sequence[Optional[torch.Tensor]]
+    position: int
+    dtype: torch.dtype
+    backend: str = "default"
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.dtype).eps
+
+    @property
+    def u(self) -> float:
+        return self.eps / 2
+
+    def arg(self, name: str) -> Any:
+        """The argument ``name``; for list arguments of ``_foreach`` ops, the element at ``position``."""
+        value = self.args.get(name)
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            return value[self.position] if self.position < len(value) else None
+        return value
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.outputs[self.position]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """|t| in float32: allowances need two digits, and float32 kernels are many times faster."""
+    return t.detach().to(torch.float32).abs()
+
+
+def _sum_terms(c: OpContext, m: torch.Tensor, k: float) -> torch.Tensor:
+    m = m.to(torch.float64)
+    terms = min(k, C_REDUCTION * math.sqrt(max(k, 1.0)))
+    if c.dtype in (torch.float16, torch.bfloat16):
+        return (FLOAT32_U * terms + c.u) * m
+    return c.u * terms * m
+
+
+def _reduced_count(source: torch.Tensor, result: torch.Tensor) -> float:
+    return max(source.numel() / max(result.numel(), 1), 1.0)
+
+
+def _matmul(c: OpContext) -> torch.Tensor:
+    a, b = c.arg("self"), c.arg("mat2")
+    return _sum_terms(c, torch.matmul(_f32(a), _f32(b)), a.shape[-1])
+
+
+def _addmm(c: OpContext) -> torch.Tensor:
+    a, b = c.arg("mat1") if "mat1" in c.args else c.arg("batch1"), c.arg("mat2") if "mat2" in c.args else c.arg("batch2")
+    beta, alpha = abs(float(c.arg("beta") or 1)), abs(float(c.arg("alpha") or 1))
+    m = alpha * torch.matmul(_f32(a), _f32(b)) + beta * _f32(c.arg("self"))
+    return _sum_terms(c, m, a.shape[-1] + 1)
+
+
+def _conv_geometry(c: OpContext) -> List[Any]:
+    return [c.arg(n) for n in ("stride", "padding", "dilation", "transposed", "output_padding", "groups")]
+
+
+def _convolution(c: OpContext) -> torch.Tensor:
+    w = c.arg("weight")
+    bias = c.arg("bias")
+    m = torch.ops.aten.convolution(_f32(c.arg("input")), _f32(w), _f32(bias) if bias is not None else None,
+                                   *_conv_geometry(c))
+    groups, transposed = c.arg("groups"), c.arg("transposed")
+    k = (w.shape[0] // groups if transposed else w.shape[1]) * math.prod(w.shape[2:]) + (bias is not None)
+    return _sum_terms(c, m, k)
+
+
+def _convolution_backward(c: OpContext) -> torch.Tensor:
+    grad, x, w = c.arg("grad_output"), c.arg("input"), c.arg("weight")
+    mask = [i == c.position for i in range(3)]
+    m = torch.ops.aten.convolution_backward(_f32(grad), _f32(x), _f32(w), c.arg("bias_sizes"),
+                                            *_conv_geometry(c), mask)[c.position]
+    groups = c.arg("groups")
+    if c.position == 0:
+        k = (w.shape[1] if c.arg("transposed") else w.shape[0] // groups) * math.prod(w.shape[2:])
+    else:
+        k = grad.shape[0] * math.prod(grad.shape[2:])
+    return _sum_terms(c, m, k)
+
+
+def _sum(c: OpContext) -> torch.Tensor:
+    x = c.arg("self")
+    dims = c.arg("dim")
+    keep = bool(c.arg("keepdim"))
+    absx = _f32(x)
+    m = absx.sum(dim=dims, keepdim=keep) if dims not in (None, [], ()) else absx.sum()
+    if c.name == "mean":
+        m = m / _reduced_count(x, c.out)
+    return _sum_terms(c, m.reshape(c.out.shape), _reduced_count(x, c.out))
+
+
+def _cumsum(c: OpContext) -> torch.Tensor:
+    x = c.arg("self")
+    dim = c.arg("dim")
+    return _sum_terms(c, _f32(x).cumsum(dim), x.shape[dim] if x.dim() else 1)
+
+
+def _norm(c: OpContext) -> torch.Tensor:
+    x = c.arg("self") if "self" in c.args else c.arg("tensors")
+    return _sum_terms(c, c.out.abs(), _reduced_count(x, c.out))
+
+
+def _last_dim_softmax_terms(c: OpContext, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    dim = c.arg("dim") % max(x.dim(), 1)
+    return x - x.amax(dim, keepdim=True), dim, x.shape[dim] if x.dim() else 1
+
+
+def _softmax(c: OpContext) -> torch.Tensor:
+    shifted, _, k = _last_dim_softmax_terms(c, c.arg("self"))
+    y = c.out.abs()
+    exp_budget = _budget("exp", c)
+    return y * (c.eps * (exp_budget + 2 + shifted.abs())) + _sum_terms(c, y, k)
+
+
+def _log_softmax(c: OpContext) -> torch.Tensor:
+    shifted, dim, k = _last_dim_softmax_terms(c, c.arg("self"))
+    lse = shifted.exp().sum(dim, keepdim=True).log()
+    exp_budget, log_budget = _budget("exp", c), _budget("log", c)
+    return c.eps * (c.out.abs() + shifted.abs() + (log_budget + 1) * lse.abs() + exp_budget) + \
+        _sum_terms(c, torch.ones_like(c.out), k)
+
+
+def _softmax_backward(c: OpContext) -> torch.Tensor:
+    g, y = c.arg("grad_output"), c.arg("output")
+    dim = c.arg("dim") % max(y.dim(), 1)
+    k = y.shape[dim] if y.dim() else 1
+    dot = (g * y).abs().sum(dim, keepdim=True)
+    return c.eps * (g * y).abs() + _sum_terms(c, y.abs() * (dot + g.abs()), k)
+
+
+def _log_softmax_backward(c: OpContext) -> torch.Tensor:
+    g, y = c.arg("grad_output"), c.arg("output")
+    dim = c.arg("dim") % max(y.dim(), 1)
+    k = y.shape[dim] if y.dim() else 1
+    total = g.abs().sum(dim, keepdim=True)
+    return c.eps * (g.abs() + (_budget("exp", c) + 1) * y.exp() * total) + _sum_terms(c, y.exp() * total, k)
+
+
+def _layer_norm_rows(c: OpContext) -> Tuple[torch.Tensor, int, Tuple[int, ...]]:
+    x, shape = c.arg("input"), tuple(c.arg("normalized_shape"))
+    dims = tuple(range(x.dim() - len(shape), x.dim()))
+    return x, math.prod(shape), dims
+
+
+def _layer_norm(c: OpContext) -> torch.Tensor:
+    x, k, dims = _layer_norm_rows(c)
+    mean, rstd = c.outputs[1], c.outputs[2]
+    relative = c.u * min(k, C_REDUCTION * math.sqrt(k)) + (_budget("rsqrt", c) + 1) * c.eps
+    if c.position == 1:
+        return _sum_terms(c, x.abs().mean(dims, keepdim=True).reshape(mean.shape), k)
+    if c.position == 2:
+        return relative * rstd.abs()
+    mean_k, rstd_k = mean.reshape(mean.shape + (1,) * (x.dim() - mean.dim())), rstd.reshape(mean.shape + (1,) * (x.dim() - rstd.dim()))
+    xhat = (x - mean_k) * rstd_k
+    w = c.arg("weight")
+    w = w.abs() if w is not None else torch.ones(())
+    mean_error = _sum_terms(c, x.abs().mean(dims, keepdim=True), k) * rstd_k
+    b = c.arg("bias")
+    rounding = c.eps * (c.out.abs() + (b.abs() if b is not None else 0) + w * xhat.abs())
+    return w * (xhat.abs() * relative + mean_error) + rounding
+
+
+def _layer_norm_backward(c: OpContext) -> torch.Tensor:
+    g = c.arg("grad_out")
+    x, k, dims = _layer_norm_rows(c)
+    mean, rstd = c.arg("mean"), c.arg("rstd")
+    shape = mean.shape + (1,) * (x.dim() - mean.dim())
+    xhat = (x - mean.reshape(shape)) * rstd.reshape(shape)
+    w = c.arg("weight")
+    if c.position == 0:
+        gw = g * w if w is not None else g
+        spread = gw.abs() + gw.abs().mean(dims, keepdim=True) + xhat.abs() * (gw * xhat).abs().mean(dims, keepdim=True)
+        return _sum_terms(c, rstd.reshape(shape).abs() * spread, k) + c.eps * c.out.abs()
+    rows = tuple(range(x.dim() - len(dims)))
+    m = (g * xhat).abs().sum(rows) if c.position == 1 else g.abs().sum(rows)
+    return _sum_terms(c, m.reshape(c.out.shape), x.numel() / k)
+
+
+def _picked(c: OpContext) -> Tuple[torch.Tensor, torch.Tensor]:
+    """|w_t * x_t| and w_t of an nll_loss (any spatial shape), ignored targets zero."""
+    x, target, weight = c.arg("self"), c.arg("target"), c.arg("weight")
+    ignore = c.arg("ignore_index")
+    valid = target != ignore
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    picked = x.gather(1, safe.unsqueeze(1)).squeeze(1) if x.dim() > 1 else x[safe]
+    w = weight[safe] if weight is not None else torch.ones_like(picked)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    return (w * picked).abs(), w
+
+
+def _nll_loss(c: OpContext) -> torch.Tensor:
+    terms, w = _picked(c)
+    reduction = c.arg("reduction")
+    if reduction == 0:  # none: one product per element
+        return c.eps * terms
+    if c.position == 1:
+        return _sum_terms(c, w.sum(), terms.numel())
+    m = terms.sum() / (w.sum() if reduction == 1 else 1.0)
+    return _sum_terms(c, m, terms.numel()) + _budget("div", c) * c.eps * m
+
+
+def _cdist(c: OpContext) -> torch.Tensor:
+    x1 = c.arg("x1")
+    return _sum_terms(c, c.out.abs(), x1.shape[-1]) + c.eps * c.out.abs()
+
+
+def _cdist_backward(c: OpContext) -> torch.Tensor:
+    g, x2 = c.arg("grad"), c.arg("x2")
+    m = g.abs().sum(-1, keepdim=True).expand(c.out.shape)
+    return _sum_terms(c, m, x2.shape[-2])
+
+
+def _max_pool_backward(c: OpContext) -> torch.Tensor:
+    args = [c.arg(n) for n in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")]
+    m = torch.ops.aten.max_pool2d_with_indices_backward(_f32(c.arg("grad_output")), c.arg("self").to(torch.float32),
+                                                         *args, c.arg("indices"))
+    return _sum_terms(c, m, math.prod(c.arg("kernel_size")))
+
+
+def _fma(c: OpContext) -> Optional[torch.Tensor]:
+    """One rounding of the product in ``a + b * c``-shaped elementwise ops, None for other ops."""
+    name = c.name.replace("_foreach_", "").rstrip("_")
+    if name in ("addcmul", "addcdiv"):
+        t1, t2 = c.arg("tensor1"), c.arg("tensor2")
+        value = abs(float(c.arg("value") or 1)) if not isinstance(c.arg("value"), torch.Tensor) else c.arg("value").abs()
+        product = t1 * t2 if name == "addcmul" else t1 / t2
+        return c.eps * value * product.abs()
+    if name == "lerp":
+        start, end, weight = c.arg("self"), c.arg("end"), c.arg("weight")
+        weight = weight.abs() if isinstance(weight, torch.Tensor) else abs(float(weight))
+        return c.eps * (1 + weight) * (end - start).abs()
+    if name in ("add", "sub") and c.arg("alpha") not in (None, 1):
+        other = c.arg("other")
+        return c.eps * abs(float(c.arg("alpha"))) * (other.abs() if isinstance(other, torch.Tensor) else abs(other))
+    if name == "sigmoid_backward":
+        return c.eps * (c.arg("grad_output") * c.arg("output")).abs()
+    if name == "tanh_backward":
+        return c.eps * (c.arg("grad_output").abs() * c.arg("output").square())
+    return None
+
+
+REDUCTIONS: Dict[str, Callable[[OpContext], torch.Tensor]] = {
+    "mm": _matmul, "bmm": _matmul, "addmm": _addmm, "baddbmm": _addmm,
+    "convolution": _convolution, "convolution_backward": _convolution_backward,
+    "sum": _sum, "mean": _sum, "nansum": _sum, "cumsum": _cumsum,
+    "linalg_vector_norm": _norm, "norm": _norm, "_foreach_norm": _norm,
+    "_softmax": _softmax, "_log_softmax": _log_softmax,
+    "_softmax_backward_data": _softmax_backward, "_log_softmax_backward_data": _log_softmax_backward,
+    "native_layer_norm": _layer_norm, "native_layer_norm_backward": _layer_norm_backward,
+    "nll_loss_forward": _nll_loss, "nll_loss2d_forward": _nll_loss,
+    "_cdist_forward": _cdist, "_cdist_backward": _cdist_backward,
+    "max_pool2d_with_indices_backward": _max_pool_backward,
+}
+
+
+def _budget(function: str, c: OpContext) -> float:
+    if c.dtype in (torch.float16, torch.bfloat16):
+        return 0.0
+    return float(ULP_BUDGETS[c.backend].get(function, 0.0))
+
+
+class ErrorModel:
+    """Allowances for one device backend (``cuda`` gets the CUDA Math API's budgets; anything else
+    the larger of CUDA's and OpenCL's). Stateless apart from that; safe to share."""
+
+    def __init__(self, backend: str = "default"):
+        self.backend = backend if backend in ULP_BUDGETS else "default"
+
+    def ulp_budget(self, op: str, dtype: torch.dtype = torch.float32) -> float:
+        """The documented error in ulps of elementwise ``op`` (packet name, ``aten.`` optional)."""
+        name = op.split(".")[-1].rstrip("_")
+        function, extra = COMPOSED.get(name, (name.replace("_foreach_", ""), 0))
+        if dtype in (torch.float16, torch.bfloat16):
+            return 0.0
+        table = ULP_BUDGETS[self.backend]
+        return float(table[function]) + extra if function in table else 0.0
+
+    def allowance(self, op: str, args: Dict[str, Any], golden: Sequence[Optional[torch.Tensor]], position: int,
+                  baseline: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Allowance:
+        """The allowed error of output ``position`` of ``op`` (``aten.mm``), from its float64
+        arguments ``args`` (bound by name) and golden outputs; ``baseline`` is the CPU's output."""
+        g = golden[position].detach().to("cpu", torch.float64)
+        dtype = dtype or baseline.dtype
+        context = OpContext(op.split(".")[-1], args, [t.detach().to(torch.float64) if isinstance(t, torch.Tensor)
+                                                      and t.is_floating_point() else t for t in golden],
+                            position, dtype, self.backend)
+        parts = self._components(context, g, baseline)
+        names = list(parts)
+        stacked = np.stack([np.broadcast_to(v, g.shape).reshape(-1) for v in parts.values()])
+        stacked = np.nan_to_num(stacked, nan=0.0, posinf=np.inf)
+        which = stacked.argmax(axis=0) if stacked.size else np.zeros(0, dtype=np.int64)
+        return Allowance(stacked.max(axis=0) if stacked.size else np.zeros(0), names, which)
+
+    def _components(self, c: OpContext, g: torch.Tensor, baseline: torch.Tensor) -> Dict[str, np.ndarray]:
+        info = torch.finfo(c.dtype)
+        absg = g.abs()
+        parts = {"rounding": np.maximum((ROUNDING_ULPS + REFERENCE_ULPS) * c.eps * absg.numpy(), info.tiny)}
+        budget = self.ulp_budget(c.name, c.dtype)
+        if budget:
+            parts["ulp budget"] = (budget + REFERENCE_ULPS) * c.eps * absg.numpy()
+        fma = _fma(c)
+        if fma is not None:
+            parts["fma"] = _numpy(fma, g.shape) + parts["rounding"]
+        model = REDUCTIONS.get(c.name)
+        if model is not None and c.position < len(c.outputs) and c.out is not None:
+            parts["reduction"] = _numpy(model(c), g.shape) + parts["rounding"]
+        b = baseline.detach().to("cpu", torch.float64)
+        if b.shape == g.shape and b.numel():
+            diff = (b - g).abs()
+            diff = diff[torch.isfinite(diff)]
+            if diff.numel():
+                parts["baseline"] = np.array(BASELINE_FACTOR * float(diff.max()))
+        return parts
+
+    def for_values(self, golden: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype) -> Allowance:
+        """The allowance of values that are selected, not computed (index outputs, exact ops)."""
+        return self.allowance("aten.select_values", {}, [golden], 0, baseline, dtype)
+
+
+def _numpy(t: Any, shape: torch.Size) -> np.ndarray:
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.broadcast_to(t.detach().to("cpu", torch.float64), shape).numpy()
