@@ -36,11 +36,13 @@ An op passes when every element is within its allowance: its *margin*, max |D - 
 is at most 1. Margins are reported for every op, with the component that set the allowance.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .metrics import all_finite, as_numpy64
 
 ROUNDING_ULPS = 1.0
 REFERENCE_ULPS = 1.0
@@ -68,15 +70,29 @@ COMPOSED = {"sigmoid": ("exp", 2), "nll_loss_backward": ("div", 1), "nll_loss2d_
 
 @dataclass
 class Allowance:
-    """Allowed absolute error per element (flat float64, the output's size) and, per element, which
-    component set it (an index into ``names``)."""
+    """Allowed absolute error per element (flat float64, the output's size), the largest of its
+    ``components`` (name -> flat array, or a scalar for all elements)."""
 
     values: np.ndarray
-    names: List[str]
-    which: np.ndarray
+    components: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.components)
 
     def component(self, index: int) -> str:
-        return self.names[int(self.which[index])] if self.values.size else "rounding"
+        """The component that set the allowance of element ``index``."""
+        if not self.components:
+            return "given"
+        at = {name: float(v.reshape(-1)[index] if v.size > 1 else v.reshape(-1)[0]) for name, v in self.components.items()}
+        return max(at, key=at.get)
+
+    @staticmethod
+    def of(components: Dict[str, np.ndarray], size: int) -> "Allowance":
+        values = np.zeros(size)
+        for v in components.values():
+            np.maximum(values, v.reshape(-1) if v.size > 1 else v.reshape(-1)[0], out=values)
+        return Allowance(values, components)
 
 
 @dataclass
@@ -374,31 +390,30 @@ class ErrorModel:
                                                       and t.is_floating_point() else t for t in golden],
                             position, dtype, self.backend)
         parts = self._components(context, g, baseline)
-        names = list(parts)
-        stacked = np.stack([np.broadcast_to(v, g.shape).reshape(-1) for v in parts.values()])
-        stacked = np.nan_to_num(stacked, nan=0.0, posinf=np.inf)
-        which = stacked.argmax(axis=0) if stacked.size else np.zeros(0, dtype=np.int64)
-        return Allowance(stacked.max(axis=0) if stacked.size else np.zeros(0), names, which)
+        # NaN where an input is not finite: those positions are judged by their NaN/Inf layout
+        return Allowance.of({k: v if all_finite(v) else np.nan_to_num(v, nan=0.0, posinf=np.inf)
+                             for k, v in parts.items()}, g.numel())
 
     def _components(self, c: OpContext, g: torch.Tensor, baseline: torch.Tensor) -> Dict[str, np.ndarray]:
-        info = torch.finfo(c.dtype)
-        absg = g.abs()
-        parts = {"rounding": np.maximum((ROUNDING_ULPS + REFERENCE_ULPS) * c.eps * absg.numpy(), info.tiny)}
+        absg = np.abs(g.numpy().reshape(-1))
+        rounding = np.maximum((ROUNDING_ULPS + REFERENCE_ULPS) * c.eps * absg, torch.finfo(c.dtype).tiny)
+        parts = {"rounding": rounding}
         budget = self.ulp_budget(c.name, c.dtype)
         if budget:
-            parts["ulp budget"] = (budget + REFERENCE_ULPS) * c.eps * absg.numpy()
+            parts["ulp budget"] = (budget + REFERENCE_ULPS) * c.eps * absg
         fma = _fma(c)
         if fma is not None:
-            parts["fma"] = _numpy(fma, g.shape) + parts["rounding"]
+            parts["fma"] = _numpy(fma, g.shape) + rounding
         model = REDUCTIONS.get(c.name)
         if model is not None and c.position < len(c.outputs) and c.out is not None:
-            parts["reduction"] = _numpy(model(c), g.shape) + parts["rounding"]
-        b = baseline.detach().to("cpu", torch.float64)
-        if b.shape == g.shape and b.numel():
-            diff = (b - g).abs()
-            diff = diff[torch.isfinite(diff)]
-            if diff.numel():
-                parts["baseline"] = np.array(BASELINE_FACTOR * float(diff.max()))
+            parts["reduction"] = _numpy(model(c), g.shape) + rounding
+        if tuple(baseline.shape) == tuple(g.shape) and baseline.numel():
+            diff = np.abs(as_numpy64(baseline) - g.numpy().reshape(-1))
+            worst = float(diff.max())
+            if not math.isfinite(worst):
+                diff = diff[np.isfinite(diff)]
+                worst = float(diff.max()) if diff.size else 0.0
+            parts["baseline"] = np.array(BASELINE_FACTOR * worst)
         return parts
 
     def for_values(self, golden: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype) -> Allowance:
@@ -407,5 +422,8 @@ class ErrorModel:
 
 
 def _numpy(t: Any, shape: torch.Size) -> np.ndarray:
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return torch.broadcast_to(t.detach().to("cpu", torch.float64), shape).numpy()
+    """A flat float64 array of the output's size from a tensor that broadcasts to ``shape``."""
+    t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+    if tuple(t.shape) != tuple(shape):
+        t = torch.broadcast_to(t, shape)
+    return t.reshape(-1).numpy()

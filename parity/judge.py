@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errormodel import Allowance
-from .metrics import TensorMetrics, as_numpy64, compare_finite, mismatches, nonfinite_masks
+from .metrics import TensorMetrics, all_finite, as_numpy64, metrics_of_difference, mismatches, nonfinite_masks
 
 
 @dataclass
@@ -67,13 +67,18 @@ def structure_verdict(device: torch.Tensor, baseline: torch.Tensor, golden: torc
     return None
 
 
-def margin_of(error: np.ndarray, allowed: np.ndarray) -> "tuple[float, int]":
-    """The largest ``error / allowed`` and where it is (-1 when empty)."""
-    if error.size == 0:
+def margin_of(difference: np.ndarray, allowed: np.ndarray) -> "tuple[float, int]":
+    """The largest ``|difference| / allowed`` and where it is (-1 when empty). An exact element
+    has margin 0 even where its allowance is 0."""
+    if difference.size == 0:
         return 0.0, -1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        units = np.where(error == 0, 0.0, error / allowed)
-    i = int(np.nanargmax(units)) if not np.isnan(units).all() else 0
+    units = np.abs(difference)
+    if allowed.min(initial=np.inf) > 0:
+        np.divide(units, allowed, out=units)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            units = np.where(units == 0, 0.0, units / allowed)
+    i = int(units.argmax())
     return float(units[i]), i
 
 
@@ -85,21 +90,22 @@ def judge_float(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tens
     if problem:
         return OutputJudgement(position, kind, False, problem, math.inf)
     d, b, g = as_numpy64(device), as_numpy64(baseline), as_numpy64(golden)
-    with np.errstate(over="ignore", invalid="ignore"):
-        finite = np.isfinite(d) & np.isfinite(b) & np.isfinite(g)
-    everywhere = bool(finite.all())
-    verdict = None if everywhere else nonfinite_verdict(device, baseline)
+    everywhere = all_finite(d) and all_finite(b) and all_finite(g)
+    verdict, where = None, None
+    allowed = allowance.values
     if not everywhere:
-        d, b, g = d[finite], b[finite], g[finite]
-    allowed = allowance.values if everywhere else allowance.values[finite]
-    margin, at = margin_of(np.abs(d - g), allowed)
-    base_margin, _ = margin_of(np.abs(b - g), allowed)
-    where = np.flatnonzero(finite)[at] if at >= 0 else 0
-    component = allowance.component(where) if at >= 0 else ""
+        finite = np.isfinite(d) & np.isfinite(b) & np.isfinite(g)
+        verdict, where = nonfinite_verdict(device, baseline), np.flatnonzero(finite)
+        d, b, g, allowed = d[finite], b[finite], g[finite], allowed[finite]
+    d -= g
+    b -= g
+    margin, at = margin_of(d, allowed)
+    base_margin, _ = margin_of(b, allowed)
+    component = allowance.component(at if where is None else where[at]) if at >= 0 else ""
     if verdict is None and not margin <= 1:
         verdict = f"fail: error {margin:.3g}x its allowance ({component})"
     return OutputJudgement(position, kind, verdict is None, verdict or "pass", margin, component,
-                           compare_finite(d, g), compare_finite(b, g), base_margin)
+                           metrics_of_difference(d, g), metrics_of_difference(b, g), base_margin)
 
 
 def judge_integer(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tensor,

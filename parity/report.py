@@ -25,12 +25,17 @@ MAX_MARKDOWN_ROWS = 40
 
 def atomic_write(path: PathLike, text: str) -> Path:
     """Writes ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """:func:`atomic_write` for bytes (a PNG)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -150,12 +155,16 @@ def write_markdown(path: PathLike, tests: Iterable[Any], title: str = "Parity re
     return atomic_write(path, to_markdown(tests, title))
 
 
-def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity") -> Dict[str, Path]:
-    """Writes ``<name>.json`` and ``<name>.md`` under ``directory``; returns their paths."""
+def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity") -> Dict[str, Any]:
+    """Writes ``<name>.json``, ``<name>.md`` and one margin plot per part under ``directory``;
+    returns their paths (``plots``: a list)."""
+    from .plots import write_plots
+
     tests = [_entry(t) for t in tests]
     directory = Path(directory)
     return {"json": write_json(directory / f"{name}.json", tests),
-            "markdown": write_markdown(directory / f"{name}.md", tests)}
+            "markdown": write_markdown(directory / f"{name}.md", tests),
+            "plots": write_plots(directory, tests)}
 
 
 def summary_lines(tests: Iterable[Any]) -> List[str]:

@@ -1,0 +1,61 @@
+"""One PNG per part and precision: each replayed op's error in units of its allowance, along
+execution order, for the device and for the CPU baseline, with failures marked. An engineer sees
+where error grows, and how close the CPU itself comes, without reading JSON."""
+import re
+from pathlib import Path
+from typing import Iterable, List
+
+from .report import PathLike, atomic_write_bytes
+
+FLOOR = 1e-4  # margins of exact ops (0) are drawn at the bottom of the log axis
+
+
+def _value(v) -> float:
+    if isinstance(v, str):
+        return float(v)
+    return float(v) if v is not None else 0.0
+
+
+def plot_filename(entry: dict) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{entry.get('part')}-{entry.get('precision')}").strip("-").lower()
+    return f"margins-{slug}.png"
+
+
+def plot_margins(entry: dict, path: PathLike) -> Path:
+    """Writes the margin plot of one report entry (see :mod:`parity.report`) to ``path``."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in entry.get("ops") or [] if r.get("status") != "skipped" and r.get("margin") is not None]
+    order = list(range(len(rows)))
+    device = [max(_value(r["margin"]), FLOOR) for r in rows]
+    baseline = [max(_value(r.get("baseline_margin")), FLOOR) for r in rows]
+    failed = [i for i, r in enumerate(rows) if r.get("status") == "fail"]
+    figure, axis = plt.subplots(figsize=(10, 3.6), dpi=100)
+    axis.scatter(order, baseline, s=6, color="tab:gray", alpha=0.6, label="CPU baseline")
+    axis.scatter(order, device, s=6, color="tab:blue", label=f"device ({entry.get('device')})")
+    if failed:
+        axis.scatter([order[i] for i in failed], [device[i] for i in failed], s=40, marker="x", color="tab:red",
+                     label=f"failed ({len(failed)})")
+    axis.axhline(1.0, color="tab:red", linewidth=1, linestyle="--")
+    axis.set_yscale("log")
+    axis.set_xlabel("op in execution order (isolated replay)")
+    axis.set_ylabel("error / allowed error")
+    status = "pass" if entry.get("passed") else "FAIL"
+    axis.set_title(f"{entry.get('part')} [{entry.get('precision')} on {entry.get('device')}]: {status}, "
+                   f"{len(rows)} ops, worst end-to-end margin {_value(entry.get('worst_end_to_end_margin')):.3g}")
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_plots(directory: PathLike, entries: Iterable[dict]) -> List[Path]:
+    """One PNG per entry that replayed ops, under ``directory``."""
+    return [plot_margins(e, Path(directory) / plot_filename(e)) for e in entries if e.get("ops")]
