@@ -14,8 +14,11 @@ STAMP := $(VENV)/.installed
 conformance: $(STAMP)
 	$(VPY) -m pytest -m xpu --xpu $(XPU) $(PYTEST_ARGS)
 
+# The project's tests, then the tiny conformance run on cpu-alt (the CPU with other real kernels):
+# a correct device that is not the baseline must pass, which the CPU compared with itself cannot show.
 test: $(STAMP)
 	$(VPY) -m pytest -m "not training" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m xpu --xpu cpu-alt --model-config tiny --report-dir=reports/cpu-alt $(PYTEST_ARGS)
 
 # The venv sees the system's site-packages so that a vendor's own torch build is used; torch is
 # installed only when missing, and an existing torch is pinned so pip never replaces it.

@@ -21,7 +21,7 @@ from . import ensemble
 from .capture import Trace, capture, cpu_copy
 from .device import Device, resolve
 from .errormodel import ErrorModel
-from .faults import FaultSpec, inject, never_fired, parse_faults
+from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, judge_integer
 from .precision import Precision, cast_tree
 from .replay import OpCheck, ReplayResult, WholeRun, compare_runs, replay
@@ -249,24 +249,29 @@ def _end_to_end(golden: _Run, baseline: _Run, device: _Run, members: Sequence[_R
 
 
 def _ensemble(part: str, source: torch.nn.Module, inputs: Any, run: RunFn, precision: Precision,
-              device: Device, seed: int, size: int) -> List[_Run]:
-    """``size`` CPU runs in ``precision`` with weights and inputs moved by up to one ulp, cached by
-    part, precision, seed and the content of weights and inputs."""
+              device: Device, model: ErrorModel, seed: int, size: int) -> List[_Run]:
+    """``size`` CPU runs in ``precision`` with weights and inputs moved by up to one ulp and every op
+    perturbed like a correct device by ``model``, cached by part, precision, seed, model and the
+    content of weights and inputs."""
     cpu = torch.device("cpu")
     autocast_dtype = precision.autocast_dtype(device.device)
+    profile = model.correct_device_profile()
 
     def build() -> List[_Run]:
         members = []
         for j in range(size):
-            generator = torch.Generator().manual_seed(1_000_003 * (j + 1) + seed)
+            member_seed = 1_000_003 * (j + 1) + seed
+            generator = torch.Generator().manual_seed(member_seed)
             module, member_inputs = precision.prepare(copy.deepcopy(source), inputs, cpu)
             module = ensemble.perturb_module(module, generator)
             member_inputs = ensemble.perturb_inputs(member_inputs, generator)
+            faults = [parse_fault(spec, seed=member_seed + i) for i, spec in enumerate(profile)]
             members.append(_execute(module, member_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
-                                    precision.autocast(cpu, autocast_dtype), seed, None, ()))
+                                    precision.autocast(cpu, autocast_dtype), seed, None, faults))
         return members
 
-    key = (part, precision.name, str(autocast_dtype), seed, size, ensemble.digest(source.state_dict(), inputs))
+    key = (part, precision.name, str(autocast_dtype), seed, size, tuple(profile),
+           ensemble.digest(source.state_dict(), inputs))
     return ensemble.CACHE.get(key, build)
 
 
@@ -304,7 +309,7 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     baseline = _execute(base_module, base_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
                         precision.autocast(cpu, precision.autocast_dtype(dut.device)), seed,
                         "tensors" if replay_ops else trace_keep, ())
-    members = _ensemble(part, source, inputs, run, precision, dut, seed, ensemble_size)
+    members = _ensemble(part, source, inputs, run, precision, dut, model, seed, ensemble_size)
     dev_module, dev_inputs = precision.prepare(copy.deepcopy(source), inputs, dut.device)
     with dut.kernels():
         result = _execute(dev_module, dev_inputs, run, dut.device, precision.backend(dut.device),

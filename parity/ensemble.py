@@ -1,7 +1,11 @@
 """Whole-run results judged against natural variability, as the CESM ensemble consistency test
 judges ports of chaotic codes: a part's final outputs and gradients (one forward and backward, or
-several optimizer steps) are compared with an ensemble of CPU baselines whose weights and inputs
-carry ulp-level perturbations.
+several optimizer steps) are compared with an ensemble of CPU runs whose weights and inputs carry
+ulp-level perturbations and whose ops behave like a correct device by the error model (every op
+faithfully rounded, every elementwise function wrong by up to its documented budget,
+:meth:`~parity.errormodel.ErrorModel.correct_device_profile`). Without the second, a part with no
+weights (the sine position encoding) has no variability at all, and a device whose sine is within
+CUDA's documented 2 ulp would fail its output.
 
 An op-level allowance cannot judge these: AdamW divides by sqrt(v) and turns last-bit differences
 of near-zero gradients into changes of a whole learning rate, and after a deep network a legitimate

@@ -380,6 +380,16 @@ class ErrorModel:
         table = ULP_BUDGETS[self.backend]
         return float(table[function]) + extra if function in table else 0.0
 
+    def correct_device_profile(self) -> List[str]:
+        """Fault specs that make a run behave like a correct device by this model: every op
+        faithfully rounded (1 ulp) and every elementwise function wrong by up to its budget."""
+        specs = ["*:ulp=1"]
+        for name in sorted(set(ULP_BUDGETS[self.backend]) | set(COMPOSED)):
+            extra = int(self.ulp_budget(name)) - 1
+            if extra > 0:
+                specs.append(f"aten.{name}:ulp={extra}")
+        return specs
+
     def allowance(self, op: str, args: Dict[str, Any], golden: Sequence[Optional[torch.Tensor]], position: int,
                   baseline: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Allowance:
         """The allowed error of output ``position`` of ``op`` (``aten.mm``), from its float64
@@ -408,7 +418,8 @@ class ErrorModel:
         if model is not None and c.position < len(c.outputs) and c.out is not None:
             parts["reduction"] = _numpy(model(c), g.shape) + rounding
         if tuple(baseline.shape) == tuple(g.shape) and baseline.numel():
-            diff = np.abs(as_numpy64(baseline) - g.numpy().reshape(-1))
+            with np.errstate(invalid="ignore"):  # inf - inf where both are infinite
+                diff = np.abs(as_numpy64(baseline) - g.numpy().reshape(-1))
             worst = float(diff.max())
             if not math.isfinite(worst):
                 diff = diff[np.isfinite(diff)]

@@ -40,6 +40,27 @@ CATALOGUE = [
     ("inaccurate sigmoid of the box head", "heads", "aten.sigmoid:noise=1e-4", "aten.sigmoid", "forward", "(root)"),
     ("AdamW update scaled", "train step", "aten.addcdiv_:scale=1.001", "aten.addcdiv_", "forward", ""),
 ]
+# The gray zone: errors far below the faults above, but 80 ulp (1e-5 relative) on elementwise,
+# softmax and normalisation ops and 1e-4 on sums, matmuls and convolutions are still wrong ops.
+GRAY_ZONE = [
+    ("rsqrt 1e-5 bias", "backbone", "aten.rsqrt:scale=1.00001", "aten.rsqrt", "forward", "backbone.0.body.bn1"),
+    ("sine 1e-5 noise", "position", "aten.sin:noise=1e-5", "aten.sin", "forward", "encoding"),
+    ("sigmoid 1e-5 bias", "heads", "aten.sigmoid:scale=1.00001", "aten.sigmoid", "forward", "(root)"),
+    ("division 1e-5 noise", "criterion", "aten.div:noise=1e-5", "aten.div", "forward", "criterion"),
+    ("softmax 1e-5 noise", "transformer", "aten._softmax:noise=1e-5", "aten._softmax", "forward", "transformer"),
+    ("softmax 1e-5 bias", "transformer", "aten._softmax:scale=1.00001", "aten._softmax", "forward", "transformer"),
+    ("log-softmax 1e-5 bias", "criterion", "aten._log_softmax:scale=1.00001", "aten._log_softmax", "forward", "criterion"),
+    ("layer norm 1e-5 bias", "transformer", "aten.native_layer_norm:scale=1.00001", "aten.native_layer_norm", "forward", "transformer"),
+    ("layer norm backward 1e-5 noise", "transformer", "aten.native_layer_norm_backward:noise=1e-5", "aten.native_layer_norm_backward", "backward", "transformer"),
+    ("softmax backward 1e-5 noise", "transformer", "aten._softmax_backward_data:noise=1e-5", "aten._softmax_backward_data", "backward", "transformer"),
+    ("sum 1e-4 noise", "criterion", "aten.sum:noise=1e-4", "aten.sum", "forward", "criterion"),
+    ("matmul 1e-4 noise", "transformer", "aten.mm:noise=1e-4", "aten.mm", "forward", "transformer"),
+    ("batched matmul 1e-4 bias", "transformer", "aten.bmm:scale=1.0001", "aten.bmm", "forward", "transformer"),
+    ("linear 1e-4 noise", "transformer", "aten.addmm:noise=1e-4", "aten.addmm", "forward", "transformer"),
+    ("convolution 1e-4 noise", "backbone", "aten.convolution:noise=1e-4", "aten.convolution", "forward", "backbone.0.body.conv1"),
+    ("convolution 1e-4 bias", "backbone", "aten.convolution:scale=1.0001", "aten.convolution", "forward", "backbone.0.body.conv1"),
+    ("convolution backward 1e-4 noise", "backbone", "aten.convolution_backward:noise=1e-4", "aten.convolution_backward", "backward", "backbone.0.body"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +101,8 @@ def tally(request):
     caught = sum(r == "caught" for r in results)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and results:
-        reporter.write_line(f"\nfault catalogue: {caught}/{len(results)} faults detected and localised to the faulted op")
+        reporter.write_line(f"\nfault catalogue: {caught}/{len(results)} faults detected and localised to the faulted op "
+                            f"({len(CATALOGUE)} large, {len(GRAY_ZONE)} in the gray zone)")
 
 
 def check(parts, part, faults=()):
@@ -95,7 +117,8 @@ def test_clean_parts_pass(parts, part):
     assert result.ops_checked > 0
 
 
-@pytest.mark.parametrize("bug, part, spec, op, phase, module", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+@pytest.mark.parametrize("bug, part, spec, op, phase, module", CATALOGUE + GRAY_ZONE,
+                         ids=[c[0] for c in CATALOGUE + GRAY_ZONE])
 def test_fault_is_caught_and_localised(parts, tally, bug, part, spec, op, phase, module):
     tally.append("missed")
     result = check(parts, part, [spec])
