@@ -381,14 +381,12 @@ class ErrorModel:
         return float(table[function]) + extra if function in table else 0.0
 
     def correct_device_profile(self) -> List[str]:
-        """Fault specs that make a run behave like a correct device by this model: every op
-        faithfully rounded (1 ulp) and every elementwise function wrong by up to its budget."""
-        specs = ["*:ulp=1"]
-        for name in sorted(set(ULP_BUDGETS[self.backend]) | set(COMPOSED)):
-            extra = int(self.ulp_budget(name)) - 1
-            if extra > 0:
-                specs.append(f"aten.{name}:ulp={extra}")
-        return specs
+        """Fault specs that make a run behave like a correct device by this model: every
+        elementwise function wrong by up to its documented budget. (Perturbing every op by one
+        ulp as well made an r50 ensemble of three AdamW steps cost 5 minutes, and the weights'
+        and inputs' 1-ulp perturbation already gives that variability.)"""
+        return [f"aten.{name}:ulp={int(self.ulp_budget(name))}"
+                for name in sorted(set(ULP_BUDGETS[self.backend]) | set(COMPOSED)) if int(self.ulp_budget(name)) > 0]
 
     def allowance(self, op: str, args: Dict[str, Any], golden: Sequence[Optional[torch.Tensor]], position: int,
                   baseline: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Allowance:

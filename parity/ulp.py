@@ -19,17 +19,17 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def perturb_ulps(x: torch.Tensor, k: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``x`` with each finite non-zero element moved by j representable steps, j a whole number
-    drawn uniformly from ``round(U(-k, k))``: never more than k ulps of the larger of the old and
+    drawn uniformly from -floor(k)..floor(k): never more than k ulps of the larger of the old and
     the new value (a step across a power of two changes the ulp); zeros, NaN and Inf stay. Any shape and float
     dtype; same device and dtype. A step that would cross zero or overflow keeps the element."""
-    if not x.is_floating_point() or x.dtype not in _INT_VIEW or k <= 0 or x.numel() == 0:
+    steps_max = int(k)
+    if not x.is_floating_point() or x.dtype not in _INT_VIEW or steps_max < 1 or x.numel() == 0:
         return x
     cpu = x.detach().to("cpu").contiguous()
-    steps = torch.round((torch.rand(cpu.shape, generator=generator, dtype=torch.float64) * 2 - 1) * k)
     bits = cpu.view(_INT_VIEW[x.dtype])
-    # The bit pattern of a positive float grows with its value; for a negative one the magnitude does.
-    signed = torch.where(cpu < 0, -steps, steps).to(bits.dtype)
-    moved = (bits + signed).view(cpu.dtype)
+    steps = torch.randint(-steps_max, steps_max + 1, cpu.shape, generator=generator, dtype=bits.dtype)
+    # A step on the bit pattern moves the magnitude by one representable value, either sign.
+    moved = (bits + steps).view(cpu.dtype)
     keep = ~torch.isfinite(cpu) | (cpu == 0) | ~torch.isfinite(moved) | (torch.sign(moved) != torch.sign(cpu))
     return torch.where(keep, cpu, moved).to(x.device)
 

@@ -37,3 +37,18 @@ def test_injected_fault_fails_naming_the_op(tmp_path):
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["passed"] is False
     assert entry["first_failure"]["op"] == "aten._softmax" and entry["first_failure"]["verdict"].startswith("fail")
+
+
+def test_a_fault_that_never_fires_fails_the_session(tmp_path):
+    result = run_suite(tmp_path, "--inject-fault", "aten.upsample_bilinear2d:nan")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "--inject-fault 'aten.upsample_bilinear2d:nan' never fired" in result.stdout
+
+
+def test_margins_are_plotted_and_cpu_alt_is_a_device(tmp_path):
+    result = run_suite(tmp_path, "--xpu", "cpu-alt")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "device under test: cpu-alt" in result.stdout and "worst op margin" in result.stdout
+    assert (tmp_path / "margins-postprocess-fp32.png").read_bytes()[:4] == b"\x89PNG"
+    (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
+    assert entry["device"] == "cpu-alt" and 0 < entry["worst_op_margin"] <= 1

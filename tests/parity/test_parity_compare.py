@@ -137,3 +137,39 @@ def test_dropout_is_skipped_in_replay_and_noted():
     assert skipped and {r["op"] for r in skipped} <= {"aten.native_dropout", "aten.bernoulli", "aten.bernoulli_"}
     assert "random op" in skipped[0]["verdict"] and any("skipped in replay" in n for n in result.notes)
     assert result.replay.passed
+
+
+def _run(outputs, grads=()):
+    from parity.compare import _Run
+    return _Run(outputs, list(grads), None)
+
+
+def test_a_device_result_with_another_structure_fails_saying_what_is_missing():
+    from parity.compare import _end_to_end
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    golden, baseline = _run((x, x.sum())), _run((x.float(), x.sum().float()))
+    verdicts = lambda device: [e.judgement.verdict for e in _end_to_end(golden, baseline, device, [])]  # noqa: E731
+    assert all(v == "pass" for v in verdicts(_run((x.float(), x.sum().float()))))
+    assert "the device returned 1 outputs and gradients, the baseline 2" in verdicts(_run((x.float(),)))[0]
+    assert "the device returned 3 outputs" in verdicts(_run((x.float(), x.sum().float(), x.float())))[0]
+    assert "expected a tensor, the device returned float" in verdicts(_run((x.float(), float(x.sum()))))[1]
+    grads_g, grads_b = [("grad w", x), ("grad b", None)], [("grad w", x.float()), ("grad b", None)]
+    golden, baseline = _run((), grads_g), _run((), grads_b)
+    assert "gradient is None on the device but not on the baseline" in \
+        verdicts(_run((), [("grad w", None), ("grad b", None)]))[0]
+    assert "gradient is None on the baseline but not on the device" in \
+        verdicts(_run((), [("grad w", x.float()), ("grad b", x.float())]))[1]
+
+
+def test_cpu_alt_runs_the_device_with_other_kernels():
+    seen = []
+
+    def spy(model, x):
+        seen.append((torch.get_num_threads(), torch.backends.mkldnn.enabled))
+        return model(x)
+
+    result = compare_part("block", build_block, IMAGES, spy, "cpu-alt", "fp32", whole_run=False, ensemble_size=1)
+    assert result.passed, result.failure_message()
+    assert result.device == "cpu-alt" and seen[-1] == (1, False)
+    assert torch.backends.mkldnn.enabled and all(s[1] for s in seen[:-1]), "references keep the default kernels"
