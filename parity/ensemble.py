@@ -22,7 +22,7 @@ sqrt(S / quantile): the device's RMSE in units of the allowed RMSE.
 
 ``NU_MAX``: a tensor's elements share upstream error and are far from independent, so each tensor
 is credited with at most this many degrees of freedom. That widens the envelope for large tensors
-(a threshold of 3.4 times the ensemble's RMS error with 5 members) and keeps scalars (nu = 1)
+(a threshold of 4.3 times the RMS error of the 4 draws: 3 perturbed runs and the baseline) and keeps scalars (nu = 1)
 honest about their heavy tail.
 """
 import hashlib
@@ -35,10 +35,10 @@ from scipy.stats import f as f_distribution
 
 from .errormodel import REFERENCE_ULPS, ROUNDING_ULPS
 from .judge import OutputJudgement, nonfinite_verdict, structure_verdict
-from .metrics import as_numpy64, compare_finite, rms_finite
+from .metrics import as_numpy64, metrics_of_difference, rms_finite, rmse_of_difference
 from .ulp import perturb_ulps
 
-ENSEMBLE_SIZE = 4
+ENSEMBLE_SIZE = 3
 PERTURBATION_ULPS = 1
 FALSE_POSITIVE_RATE = 0.005
 NU_MAX = 4
@@ -136,4 +136,5 @@ def judge_against_ensemble(device: torch.Tensor, baseline: torch.Tensor, golden:
         verdict = (f"fail: RMSE {device_rmse:.3g} is {margin:.3g}x the ensemble's allowed {allowed:.3g} "
                    f"({len(runs)} CPU runs, false-positive rate {FALSE_POSITIVE_RATE:g})")
     return OutputJudgement(0, "ensemble", verdict is None, verdict or "pass", margin, "ensemble",
-                           compare_finite(d, g), compare_finite(runs[0], g) if runs else None, base_margin)
+                           metrics_of_difference(d - g, g), rmse_of_difference(runs[0] - g) if runs else None,
+                           base_margin)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .errormodel import Allowance
-from .metrics import TensorMetrics, all_finite, as_numpy64, metrics_of_difference, mismatches, nonfinite_masks
+from .metrics import (TensorMetrics, all_finite, as_numpy64, metrics_of_difference, mismatches, nonfinite_masks,
+                      rmse_of_difference)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def judge_float(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tens
     if verdict is None and not margin <= 1:
         verdict = f"fail: error {margin:.3g}x its allowance ({component})"
     return OutputJudgement(position, kind, verdict is None, verdict or "pass", margin, component,
-                           metrics_of_difference(d, g), metrics_of_difference(b, g), base_margin)
+                           metrics_of_difference(d, g), rmse_of_difference(b), base_margin)
 
 
 def judge_integer(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tensor,

@@ -109,6 +109,14 @@ def metrics_of_difference(diff: np.ndarray, g: np.ndarray) -> TensorMetrics:
                          cosine=max(-1.0, min(1.0, cosine)), rmse=math.sqrt(dd / diff.size), compared=int(diff.size))
 
 
+def rmse_of_difference(diff: np.ndarray) -> TensorMetrics:
+    """Only the RMSE (and count) of ``actual - golden``: the other fields are NaN. For the
+    baseline beside a device, where reports show its RMSE alone."""
+    nan = float("nan")
+    rmse = math.sqrt(float(diff @ diff) / diff.size) if diff.size else 0.0
+    return TensorMetrics(max_abs=nan, max_rel=nan, cosine=nan, rmse=rmse, compared=int(diff.size))
+
+
 def compare(actual: torch.Tensor, golden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> TensorMetrics:
     """Metrics of ``actual`` vs ``golden`` (same shape), restricted to ``mask`` if given and to the
     positions finite in both. Cosine of two all-zero tensors is 1, of one all-zero tensor 0."""

@@ -29,7 +29,8 @@ from .capture import OpRecord, Trace, cpu_copy, flat_outputs
 from .errormodel import ErrorModel
 from .faults import FaultSpec, apply_faults, parse_faults
 from .judge import OutputJudgement, judge_float, judge_integer
-from .metrics import as_numpy64, bind_arguments, compare_finite, is_index_output, rms_finite, selected_values
+from .metrics import (as_numpy64, bind_arguments, is_index_output, metrics_of_difference, rms_finite, rmse_of_difference,
+                      selected_values)
 from .precision import Precision
 
 # Arguments that ask for low-precision results and make no sense for a float64 golden.
@@ -312,8 +313,8 @@ def error_ratio(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tens
         return None
     d, b, g = as_numpy64(device), as_numpy64(baseline), as_numpy64(golden)
     keep = np.isfinite(d) & np.isfinite(b) & np.isfinite(g)
-    d, b, g = d[keep], b[keep], g[keep]
-    dev, base = compare_finite(d, g), compare_finite(b, g)
+    d, b, g = d[keep] - g[keep], b[keep] - g[keep], g[keep]
+    dev, base = metrics_of_difference(d, g), rmse_of_difference(b)
     eps = torch.finfo(baseline.dtype).eps if baseline.is_floating_point() else torch.finfo(torch.float32).eps
     floor = max(0.25 * eps * rms_finite(g), torch.finfo(torch.float64).tiny)
     ratio = 0.0 if dev.rmse == 0 else dev.rmse / max(base.rmse, floor)
