@@ -22,8 +22,8 @@ sqrt(S / quantile): the device's RMSE in units of the allowed RMSE.
 
 ``NU_MAX``: a tensor's elements share upstream error and are far from independent, so each tensor
 is credited with at most this many degrees of freedom. That widens the envelope for large tensors
-(a threshold of 4.3 times the RMS error of the 4 draws: 3 perturbed runs and the baseline) and keeps scalars (nu = 1)
-honest about their heavy tail.
+(a threshold of 4.3 times the RMS error of the 4 draws: 3 perturbed runs and the baseline) and
+keeps scalars (nu = 1) honest about their heavy tail.
 """
 import hashlib
 from collections import OrderedDict

@@ -84,7 +84,7 @@ class Allowance:
         """The component that set the allowance of element ``index``."""
         if not self.components:
             return "given"
-        at = {name: float(v.reshape(-1)[index] if v.size > 1 else v.reshape(-1)[0]) for name, v in self.components.items()}
+        at = {name: float(v.reshape(-1)[index if v.size > 1 else 0]) for name, v in self.components.items()}
         return max(at, key=at.get)
 
     @staticmethod
@@ -150,7 +150,8 @@ def _matmul(c: OpContext) -> torch.Tensor:
 
 
 def _addmm(c: OpContext) -> torch.Tensor:
-    a, b = c.arg("mat1") if "mat1" in c.args else c.arg("batch1"), c.arg("mat2") if "mat2" in c.args else c.arg("batch2")
+    batched = "batch1" in c.args
+    a, b = c.arg("batch1" if batched else "mat1"), c.arg("batch2" if batched else "mat2")
     beta, alpha = abs(float(c.arg("beta") or 1)), abs(float(c.arg("alpha") or 1))
     m = alpha * torch.matmul(_f32(a), _f32(b)) + beta * _f32(c.arg("self"))
     return _sum_terms(c, m, a.shape[-1] + 1)
@@ -255,7 +256,8 @@ def _layer_norm(c: OpContext) -> torch.Tensor:
         return _sum_terms(c, x.abs().mean(dims, keepdim=True).reshape(mean.shape), k)
     if c.position == 2:
         return relative * rstd.abs()
-    mean_k, rstd_k = mean.reshape(mean.shape + (1,) * (x.dim() - mean.dim())), rstd.reshape(mean.shape + (1,) * (x.dim() - rstd.dim()))
+    shape = mean.shape + (1,) * (x.dim() - mean.dim())
+    mean_k, rstd_k = mean.reshape(shape), rstd.reshape(shape)
     xhat = (x - mean_k) * rstd_k
     w = c.arg("weight")
     w = w.abs() if w is not None else torch.ones(())
@@ -327,7 +329,8 @@ def _fma(c: OpContext) -> Optional[torch.Tensor]:
     name = c.name.replace("_foreach_", "").rstrip("_")
     if name in ("addcmul", "addcdiv"):
         t1, t2 = c.arg("tensor1"), c.arg("tensor2")
-        value = abs(float(c.arg("value") or 1)) if not isinstance(c.arg("value"), torch.Tensor) else c.arg("value").abs()
+        value = c.arg("value")
+        value = value.abs() if isinstance(value, torch.Tensor) else abs(float(1 if value is None else value))
         product = t1 * t2 if name == "addcmul" else t1 / t2
         return c.eps * value * product.abs()
     if name == "lerp":

@@ -4,7 +4,8 @@ localises wrong ops. A spec is ``<namespace>.<op>[.<overload>]:<kind>[=<value>]`
 
 Faults perturb the floating outputs of every matching op call; they never touch integer outputs,
 and never view ops (whose outputs share memory with their inputs). ``*`` matches every op (e.g.
-``*:ulp=1``, a device that rounds faithfully everywhere). A packet name matches every overload; a composite op that the dispatcher decomposes before any mode sees it (``aten.softmax``)
+``*:ulp=1``: every op's output moved by up to one ulp). A packet name matches every overload;
+a composite op that the dispatcher decomposes before any mode sees it (``aten.softmax``)
 also matches the op it becomes (``aten._softmax``), see :data:`DECOMPOSED_TO`.
 """
 import contextlib
