@@ -30,7 +30,9 @@ def results():
 def test_json_and_markdown_are_written_and_load(tmp_path, results):
     clean, broken = results
     paths = write_report(tmp_path / "reports", [clean.to_dict("t::clean"), broken.to_dict("t::broken")])
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["parity.json", "parity.md"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == \
+        ["margins-mlp-bf16.png", "margins-mlp-fp32.png", "parity.json", "parity.md"]
+    assert sorted(paths["plots"]) == sorted((tmp_path / "reports").glob("margins-*.png"))
     data = load_json(paths["json"])
     first, second = data["tests"]
     assert ENTRY_KEYS <= set(first) and first["nodeid"] == "t::clean" and first["passed"] is True
