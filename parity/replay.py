@@ -19,7 +19,7 @@ RMSE to the baseline's: information, not a verdict, since inherited error is not
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
