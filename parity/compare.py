@@ -231,7 +231,7 @@ def _end_to_end(golden: _Run, baseline: _Run, device: _Run, members: Sequence[_R
         verdict = (f"fail: the device returned {len(d)} outputs and gradients, the baseline {len(b)}"
                    + (f" (differing: {', '.join(extra[:5])})" if extra else ""))
         return [EndToEnd("outputs", OutputJudgement(0, "structure", False, verdict, float("inf")))]
-    runs = [_leaves(baseline)] + [_leaves(m) for m in members]
+    runs = [b] + [_leaves(m) for m in members]
     tests = sum(isinstance(t, torch.Tensor) and t.is_floating_point() for _, t in b)
     results = []
     for i, ((name, tg), (_, tb), (_, td)) in enumerate(zip(g, b, d)):
@@ -250,8 +250,8 @@ def _end_to_end(golden: _Run, baseline: _Run, device: _Run, members: Sequence[_R
 
 def _ensemble(part: str, source: torch.nn.Module, inputs: Any, run: RunFn, precision: Precision,
               device: Device, model: ErrorModel, seed: int, size: int) -> List[_Run]:
-    """``size`` CPU runs in ``precision`` with weights and inputs moved by up to one ulp and every op
-    perturbed like a correct device by ``model``, cached by part, precision, seed, model and the
+    """``size`` CPU runs in ``precision`` with weights and inputs moved by up to one ulp and the
+    elementwise functions perturbed like a correct device by ``model``, cached by part, precision, seed, model and the
     content of weights and inputs."""
     cpu = torch.device("cpu")
     autocast_dtype = precision.autocast_dtype(device.device)

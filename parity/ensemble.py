@@ -1,9 +1,9 @@
 """Whole-run results judged against natural variability, as the CESM ensemble consistency test
 judges ports of chaotic codes: a part's final outputs and gradients (one forward and backward, or
 several optimizer steps) are compared with an ensemble of CPU runs whose weights and inputs carry
-ulp-level perturbations and whose ops behave like a correct device by the error model (every op
-faithfully rounded, every elementwise function wrong by up to its documented budget,
-:meth:`~parity.errormodel.ErrorModel.correct_device_profile`). Without the second, a part with no
+ulp-level perturbations and whose elementwise functions are wrong by up to their documented
+budgets, as a correct device may be by the error model
+(:meth:`~parity.errormodel.ErrorModel.correct_device_profile`). Without the second, a part with no
 weights (the sine position encoding) has no variability at all, and a device whose sine is within
 CUDA's documented 2 ulp would fail its output.
 
@@ -32,6 +32,7 @@ from typing import Any, Callable, Hashable, List, Optional
 import numpy as np
 import torch
 from scipy.stats import f as f_distribution
+from torch.utils import _pytree as pytree
 
 from .errormodel import REFERENCE_ULPS, ROUNDING_ULPS
 from .judge import OutputJudgement, nonfinite_verdict, structure_verdict
@@ -56,8 +57,6 @@ def perturb_module(module: torch.nn.Module, generator: torch.Generator) -> torch
 
 def perturb_inputs(inputs: Any, generator: torch.Generator) -> Any:
     """A copy of a pytree of inputs with every floating tensor moved by up to one ulp."""
-    from torch.utils import _pytree as pytree
-
     def move(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return perturb_ulps(leaf.detach(), PERTURBATION_ULPS, generator).requires_grad_(leaf.requires_grad)
@@ -68,8 +67,6 @@ def perturb_inputs(inputs: Any, generator: torch.Generator) -> Any:
 
 def digest(*trees: Any) -> str:
     """A content hash of tensors (and the repr of other leaves) in pytrees, for the cache key."""
-    from torch.utils import _pytree as pytree
-
     h = hashlib.blake2b(digest_size=16)
     for tree in trees:
         for leaf in pytree.tree_leaves(tree):

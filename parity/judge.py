@@ -28,7 +28,7 @@ class OutputJudgement:
     """Verdict on one output tensor of one op (or one final output of a part)."""
 
     position: int
-    kind: str  # "float", "index", "integer", "ensemble"
+    kind: str  # "float", "index", "integer", "ensemble", "structure"
     passed: bool
     verdict: str
     margin: float
