@@ -22,7 +22,7 @@ from .capture import Trace, capture, cpu_copy
 from .device import Device, resolve
 from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
-from .judge import OutputJudgement, judge_integer
+from .judge import OutputJudgement, identical, identical_judgement, judge_integer
 from .precision import Precision, cast_tree
 from .replay import OpCheck, ReplayResult, WholeRun, compare_runs, replay
 
@@ -38,7 +38,8 @@ class EndToEnd:
 
     def row(self) -> dict:
         j = self.judgement
-        return {"name": self.name, "verdict": j.verdict, "margin": j.margin, "baseline_margin": j.baseline_margin,
+        margin = None if j.kind == "identical" else j.margin
+        return {"name": self.name, "verdict": j.verdict, "margin": margin, "baseline_margin": j.baseline_margin,
                 **({k: getattr(j.device, k) for k in ("max_abs", "max_rel", "cosine", "rmse")} if j.device else {}),
                 "baseline_rmse": j.baseline.rmse if j.baseline else None}
 
@@ -90,7 +91,8 @@ class PartResult:
         return self.replay.worst()
 
     def worst_end_to_end(self) -> Optional[EndToEnd]:
-        return max(self.end_to_end, key=lambda e: e.judgement.margin, default=None)
+        judged = [e for e in self.end_to_end if e.judgement.kind != "identical"]
+        return max(judged, key=lambda e: e.judgement.margin, default=None)
 
     def rerun_command(self, nodeid: Optional[str] = None) -> str:
         target = f"'{nodeid}'" if nodeid else "<test id>"
@@ -127,7 +129,7 @@ class PartResult:
         worst_end = self.worst_end_to_end()
         return {
             "nodeid": nodeid, "part": self.part, "device": self.device, "precision": self.precision,
-            "passed": self.passed, "ops_checked": self.ops_checked,
+            "passed": self.passed, "ops_checked": self.ops_checked, "ops_identical": self.replay.identical,
             "worst_op_margin": self.worst().margin if self.worst() else None,
             "worst_end_to_end_margin": worst_end.judgement.margin if worst_end else None,
             "ensemble_size": self.ensemble_size,
@@ -223,28 +225,52 @@ def _missing(name: str, baseline: Any, device: Any) -> Optional[str]:
     return None
 
 
-def _end_to_end(golden: _Run, baseline: _Run, device: _Run, members: Sequence[_Run]) -> List[EndToEnd]:
-    """Every final output and gradient: structure first, then floats against the ensemble."""
-    g, b, d = _leaves(golden), _leaves(baseline), _leaves(device)
-    if len(d) != len(b) or [n for n, _ in d] != [n for n, _ in b]:
-        extra = sorted({n for n, _ in d} ^ {n for n, _ in b})
-        verdict = (f"fail: the device returned {len(d)} outputs and gradients, the baseline {len(b)}"
-                   + (f" (differing: {', '.join(extra[:5])})" if extra else ""))
-        return [EndToEnd("outputs", OutputJudgement(0, "structure", False, verdict, float("inf")))]
-    runs = [b] + [_leaves(m) for m in members]
+def _structure(b: List[Tuple[str, Any]], d: List[Tuple[str, Any]]) -> Optional[EndToEnd]:
+    """The failure when the device returned other outputs or gradients than the baseline, or None."""
+    if len(d) == len(b) and [n for n, _ in d] == [n for n, _ in b]:
+        return None
+    extra = sorted({n for n, _ in d} ^ {n for n, _ in b})
+    verdict = (f"fail: the device returned {len(d)} outputs and gradients, the baseline {len(b)}"
+               + (f" (differing: {', '.join(extra[:5])})" if extra else ""))
+    return EndToEnd("outputs", OutputJudgement(0, "structure", False, verdict, float("inf")))
+
+
+def _same(baseline: _Run, device: _Run) -> bool:
+    """Every output and gradient of the device bit-identical to the baseline's (or equal, for
+    non-tensors)."""
+    b, d = _leaves(baseline), _leaves(device)
+    return _structure(b, d) is None and all(
+        identical(td, tb) if isinstance(tb, torch.Tensor) else _missing(n, tb, td) is None
+        for (n, tb), (_, td) in zip(b, d))
+
+
+def _end_to_end(golden: Callable[[], _Run], baseline: _Run, device: _Run,
+                members: Callable[[], Sequence[_Run]]) -> List[EndToEnd]:
+    """Every final output and gradient: structure first; then floats that differ from the baseline
+    against the ensemble (``golden`` and ``members`` are called only when one does)."""
+    b, d = _leaves(baseline), _leaves(device)
+    mismatch = _structure(b, d)
+    if mismatch is not None:
+        return [mismatch]
     tests = sum(isinstance(t, torch.Tensor) and t.is_floating_point() for _, t in b)
-    results = []
-    for i, ((name, tg), (_, tb), (_, td)) in enumerate(zip(g, b, d)):
+    results, g, runs = [], None, None
+    for i, ((name, tb), (_, td)) in enumerate(zip(b, d)):
         problem = _missing(name, tb, td)
         if problem:
             results.append(EndToEnd(name, OutputJudgement(0, "structure", False, problem, float("inf"))))
         elif not isinstance(tb, torch.Tensor):
             continue
-        elif tb.is_floating_point():
-            draws = [run[i][1] if i < len(run) else None for run in runs]
-            results.append(EndToEnd(name, ensemble.judge_against_ensemble(td, tb, tg, draws, tests)))
+        elif identical(td, tb):
+            results.append(EndToEnd(name, identical_judgement()))
         else:
-            results.append(EndToEnd(name, judge_integer(td, tb, tg)))
+            g = g if g is not None else _leaves(golden())
+            tg = g[i][1]
+            if tb.is_floating_point():
+                runs = runs if runs is not None else [b] + [_leaves(m) for m in members()]
+                draws = [run[i][1] if i < len(run) else None for run in runs]
+                results.append(EndToEnd(name, ensemble.judge_against_ensemble(td, tb, tg, draws, tests)))
+            else:
+                results.append(EndToEnd(name, judge_integer(td, tb, tg)))
     return results
 
 
@@ -302,23 +328,40 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     cpu = torch.device("cpu")
     trace_keep = keep if whole_run else None
 
-    golden_module = copy.deepcopy(source).to(torch.float64)
-    golden = _execute(golden_module, cast_tree(inputs, cpu, torch.float64), run, cpu,
-                      Precision("fp32").backend(cpu), contextlib.nullcontext(), seed, trace_keep, ())
     base_module, base_inputs = precision.prepare(copy.deepcopy(source), inputs, cpu)
     baseline = _execute(base_module, base_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
                         precision.autocast(cpu, precision.autocast_dtype(dut.device)), seed,
                         "tensors" if replay_ops else trace_keep, ())
-    members = _ensemble(part, source, inputs, run, precision, dut, model, seed, ensemble_size)
     dev_module, dev_inputs = precision.prepare(copy.deepcopy(source), inputs, dut.device)
     with dut.kernels():
         result = _execute(dev_module, dev_inputs, run, dut.device, precision.backend(dut.device),
                           precision.autocast(dut.device), seed, trace_keep, faults)
+    # A device whose every output and gradient is the baseline's bit for bit passes the end-to-end
+    # check by construction: the float64 golden and the ensemble are then not needed.
+    same = _same(baseline, result)
+    golden: List[_Run] = []
+    members: List[_Run] = []
+
+    def golden_run() -> _Run:
+        if not golden:
+            golden.append(_execute(copy.deepcopy(source).to(torch.float64), cast_tree(inputs, cpu, torch.float64),
+                                   run, cpu, Precision("fp32").backend(cpu), contextlib.nullcontext(), seed,
+                                   trace_keep, ()))
+        return golden[0]
+
+    def ensemble_runs() -> List[_Run]:
+        if not members:
+            members.extend(_ensemble(part, source, inputs, run, precision, dut, model, seed, ensemble_size))
+        return members
 
     replayed = replay(baseline.trace, dut.device, precision, model, faults, dut.kernels) if replay_ops \
         else ReplayResult([])
-    whole = compare_runs(golden.trace, baseline.trace, result.trace) if whole_run else None
+    end_to_end = _end_to_end(golden_run, baseline, result, ensemble_runs)
+    whole = compare_runs(golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
     notes = []
+    if same:
+        notes.append("every output and gradient is bit-identical to the baseline: no golden run, ensemble or "
+                     "whole-run comparison was needed")
     if replayed.skipped:
         names = sorted({c.overload for c in replayed.skipped})
         notes.append(f"{len(replayed.skipped)} random op call(s) skipped in replay ({', '.join(names)}); "
@@ -331,5 +374,5 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
             notes.append(f"whole run diverged at {whole.diverged}")
     notes += [f"fault {spec!r} never fired: no op of this part matches it" for spec in
               [f.spec for f in never_fired(faults)]]
-    return PartResult(part, dut.label, precision.name, replayed, _end_to_end(golden, baseline, result, members),
-                      whole, faults, notes, ensemble_size=len(members) + 1)
+    return PartResult(part, dut.label, precision.name, replayed, end_to_end, whole, faults, notes,
+                      ensemble_size=len(members) + 1 if members else 0)

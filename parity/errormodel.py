@@ -25,9 +25,14 @@ inputs) the allowed absolute error is the largest of these components:
                and Mary's probabilistic bound with lambda = 2. Real kernels (blocked, pairwise,
                tree reductions) stay far inside it: the CPU's own worst margin is in the report.
                A bf16 or TF32 rounding of an fp32 op is 2^13 to 2^16 times u and stays visible.
-               Half-precision sums accumulate in float32 (cuBLAS, cuDNN, oneDNN, the CPU), so u is
-               float32's, plus one rounding of the half type at M: PyTorch allows reduced-precision
-               reductions by default, which may round a split-K partial sum to the half type.
+               With a half-precision operand or result (the working precision is the lowest of
+               the op's floating inputs and output) sums accumulate in float32 (cuBLAS, cuDNN,
+               oneDNN, the CPU), so u is float32's, plus one rounding of the half type at M:
+               PyTorch allows reduced-precision reductions by default, which may round a split-K
+               partial sum to the half type. Ops in ``HALF_ACCUMULATION`` may accumulate in the
+               half type itself, because the reference CPU kernel does: its layer-norm backward
+               sums bf16 gradients into the float32 weight and bias gradients 4e4 to 8e4 float32
+               units off (measured in ``amp``, oneDNN on or off).
 ``baseline``   ``BASELINE_FACTOR * max |B - G|``: a device may be as inexact as the trusted CPU
                baseline, up to twice its worst error (the multiplier of PyTorch's own fp32 accuracy
                check). This covers ops the model has no entry for.
@@ -49,6 +54,8 @@ REFERENCE_ULPS = 1.0
 BASELINE_FACTOR = 2.0
 C_REDUCTION = 2.0
 FLOAT32_U = 2.0 ** -24
+# Reductions whose reference CPU kernel accumulates half-precision operands in the half type.
+HALF_ACCUMULATION = ("native_layer_norm_backward",)
 
 # Documented worst-case float32 errors in ulps (reference/ACCURACY.md). "cuda": the CUDA Math API,
 # which PyTorch's CUDA kernels call; "default": the larger of CUDA's and the OpenCL full profile's,
@@ -106,6 +113,7 @@ class OpContext:
     position: int
     dtype: torch.dtype
     backend: str = "default"
+    input_dtypes: Tuple[torch.dtype, ...] = ()
 
     @property
     def eps(self) -> float:
@@ -114,6 +122,12 @@ class OpContext:
     @property
     def u(self) -> float:
         return self.eps / 2
+
+    @property
+    def work_u(self) -> float:
+        """The unit roundoff of the working precision: the lowest of the output's and the
+        floating tensor arguments' (bound ``args`` are float64 copies, so ``input_dtypes`` says)."""
+        return max([self.u] + [torch.finfo(d).eps / 2 for d in self.input_dtypes])
 
     def arg(self, name: str) -> Any:
         """The argument ``name``; for list arguments of ``_foreach`` ops, the element at ``position``."""
@@ -133,11 +147,12 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_terms(c: OpContext, m: torch.Tensor, k: float) -> torch.Tensor:
-    m = m.to(torch.float64)
     terms = min(k, C_REDUCTION * math.sqrt(max(k, 1.0)))
-    if c.dtype in (torch.float16, torch.bfloat16):
-        return (FLOAT32_U * terms + c.u) * m
-    return c.u * terms * m
+    m = m.to(torch.float64)
+    if c.work_u <= FLOAT32_U:
+        return c.u * terms * m
+    accumulate = c.work_u if c.name in HALF_ACCUMULATION else FLOAT32_U
+    return (accumulate * terms + c.work_u) * m
 
 
 def _reduced_count(source: torch.Tensor, result: torch.Tensor) -> float:
@@ -392,14 +407,16 @@ class ErrorModel:
                 for name in sorted(set(ULP_BUDGETS[self.backend]) | set(COMPOSED)) if int(self.ulp_budget(name)) > 0]
 
     def allowance(self, op: str, args: Dict[str, Any], golden: Sequence[Optional[torch.Tensor]], position: int,
-                  baseline: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Allowance:
+                  baseline: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                  input_dtypes: Sequence[torch.dtype] = ()) -> Allowance:
         """The allowed error of output ``position`` of ``op`` (``aten.mm``), from its float64
-        arguments ``args`` (bound by name) and golden outputs; ``baseline`` is the CPU's output."""
+        arguments ``args`` (bound by name) and golden outputs; ``baseline`` is the CPU's output;
+        ``input_dtypes`` are the dtypes the op's floating arguments had on the device."""
         g = golden[position].detach().to("cpu", torch.float64)
         dtype = dtype or baseline.dtype
         context = OpContext(op.split(".")[-1], args, [t.detach().to(torch.float64) if isinstance(t, torch.Tensor)
                                                       and t.is_floating_point() else t for t in golden],
-                            position, dtype, self.backend)
+                            position, dtype, self.backend, tuple(input_dtypes))
         parts = self._components(context, g, baseline)
         # NaN where an input is not finite: those positions are judged by their NaN/Inf layout
         return Allowance.of({k: v if all_finite(v) else np.nan_to_num(v, nan=0.0, posinf=np.inf)

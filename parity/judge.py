@@ -10,6 +10,10 @@ beside it, so a reader sees how close a correct CPU kernel comes. Index outputs 
 topk, max-pool indices) are judged as the float values they select from the op's input, so ties
 broken differently pass. Other integer and bool outputs pass when the device equals the baseline,
 or disagrees with golden at no more positions than the baseline does.
+
+An output bit-identical to the baseline's passes without a golden or an allowance: the baseline
+is within its own allowance by construction (its margin is at most 1 / ``BASELINE_FACTOR``), so no
+judgement could fail it. Reports count such outputs and leave their margin empty.
 """
 import math
 from dataclasses import dataclass
@@ -23,12 +27,36 @@ from .metrics import (TensorMetrics, all_finite, as_numpy64, metrics_of_differen
                       rmse_of_difference)
 
 
+IDENTICAL = "pass: bit-identical to the baseline"
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def identical(device, baseline) -> bool:
+    """True when both are tensors of one dtype and shape with the same bits everywhere: NaNs with
+    the same payload are equal, -0.0 and +0.0 are not."""
+    if not (isinstance(device, torch.Tensor) and isinstance(baseline, torch.Tensor)):
+        return False
+    if device.dtype != baseline.dtype or tuple(device.shape) != tuple(baseline.shape):
+        return False
+    device, baseline = device.detach().cpu(), baseline.detach().cpu()
+    if device.is_complex():
+        device, baseline = torch.view_as_real(device), torch.view_as_real(baseline)
+    if device.is_floating_point():
+        bits = _SAME_SIZE_INT[device.element_size()]
+        return torch.equal(device.contiguous().view(bits), baseline.contiguous().view(bits))
+    return torch.equal(device, baseline)
+
+
+def identical_judgement(position: int = 0) -> "OutputJudgement":
+    return OutputJudgement(position, "identical", True, IDENTICAL, 0.0, "identical")
+
+
 @dataclass
 class OutputJudgement:
     """Verdict on one output tensor of one op (or one final output of a part)."""
 
     position: int
-    kind: str  # "float", "index", "integer", "ensemble", "structure"
+    kind: str  # "float", "index", "integer", "ensemble", "structure", "identical"
     passed: bool
     verdict: str
     margin: float

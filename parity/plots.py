@@ -46,8 +46,10 @@ def plot_margins(entry: dict, path: PathLike) -> Path:
     axis.set_xlabel("op in execution order (isolated replay)")
     axis.set_ylabel("error / allowed error")
     status = "pass" if entry.get("passed") else "FAIL"
+    end = entry.get("worst_end_to_end_margin")
+    end = f"{_value(end):.3g}" if end is not None else "- (identical)"
     axis.set_title(f"{entry.get('part')} [{entry.get('precision')} on {entry.get('device')}]: {status}, "
-                   f"{len(rows)} ops, worst end-to-end margin {_value(entry.get('worst_end_to_end_margin')):.3g}")
+                   f"{len(rows)} ops differ from the baseline, worst end-to-end margin {end}")
     axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()

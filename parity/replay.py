@@ -11,7 +11,8 @@ reported as skipped: their outputs depend on the device's generator, and the ops
 dropout mask are still replayed with the baseline's mask. Where a float64 kernel is missing on the
 CPU the golden falls back to float32, then to the baseline output itself, and the check says so.
 
-Each output is judged against its allowance from :class:`~parity.errormodel.ErrorModel`, computed
+An op whose every output is bit-identical to the baseline's passes without a golden (see
+:mod:`parity.judge`). Each other output is judged against its allowance from :class:`~parity.errormodel.ErrorModel`, computed
 from the op's own float64 inputs. The whole-run comparison aligns the golden, baseline and device
 traces op by op and shows how error accumulates through the model, as the ratio of the device's
 RMSE to the baseline's: information, not a verdict, since inherited error is not the op's fault.
@@ -28,9 +29,9 @@ from torch.utils import _pytree as pytree
 from .capture import OpRecord, Trace, cpu_copy, flat_outputs
 from .errormodel import ErrorModel
 from .faults import FaultSpec, apply_faults, parse_faults
-from .judge import OutputJudgement, judge_float, judge_integer
-from .metrics import (as_numpy64, bind_arguments, is_index_output, metrics_of_difference, rms_finite, rmse_of_difference,
-                      selected_values)
+from .judge import IDENTICAL, OutputJudgement, identical, judge_float, judge_integer
+from .metrics import (all_finite, as_numpy64, bind_arguments, is_index_output, metrics_of_difference, rms_finite,
+                      rmse_of_difference, selected_values)
 from .precision import Precision
 
 # Arguments that ask for low-precision results and make no sense for a float64 golden.
@@ -57,6 +58,7 @@ class OpCheck:
     outputs: List[OutputJudgement] = field(default_factory=list)
     golden: str = "float64"
     faults: List[str] = field(default_factory=list)
+    identical: bool = False
 
     @property
     def passed(self) -> bool:
@@ -86,7 +88,8 @@ class OpCheck:
             "max_abs": dev.max_abs if dev else None, "max_rel": dev.max_rel if dev else None,
             "cosine": dev.cosine if dev else None, "rmse": dev.rmse if dev else None,
             "baseline_rmse": worst.baseline.rmse if worst is not None and worst.baseline else None,
-            "margin": self.margin if self.status != "skipped" else None,
+            "margin": self.margin if self.status != "skipped" and not self.identical else None,
+            "identical": self.identical,
             "baseline_margin": worst.baseline_margin if worst is not None else None,
             "allowance": worst.component if worst is not None else None,
             "golden": self.golden, "faults": list(self.faults),
@@ -113,9 +116,14 @@ class ReplayResult:
     def checked(self) -> int:
         return sum(c.status != "skipped" for c in self.checks)
 
+    @property
+    def identical(self) -> int:
+        """Checked ops whose every output is bit-identical to the baseline's."""
+        return sum(c.identical for c in self.checks)
+
     def worst(self) -> Optional[OpCheck]:
-        """The judged op with the largest margin."""
-        judged = [c for c in self.checks if c.status != "skipped"]
+        """The op with the largest margin among those judged against golden."""
+        judged = [c for c in self.checks if c.status != "skipped" and not c.identical]
         return max(judged, key=lambda c: c.margin, default=None)
 
 
@@ -192,7 +200,9 @@ def golden_outputs(record: OpRecord) -> Golden:
 def device_outputs(record: OpRecord, device: torch.device, precision: Precision,
                    faults: Sequence[FaultSpec] = (), context=None) -> List[Optional[torch.Tensor]]:
     """Re-runs ``record``'s op on ``device`` with the baseline's exact inputs; faults applied."""
-    args, kwargs = _to_device((record.args, record.kwargs), device)
+    # An op that writes none of its arguments may read the recorded ones in place on the CPU.
+    same_place = device.type == "cpu" and not record.func._schema.is_mutable
+    args, kwargs = (record.args, record.kwargs) if same_place else _to_device((record.args, record.kwargs), device)
     with precision.backend(device), (context() if context else contextlib.nullcontext()):
         out = apply_faults(faults, record.func, record.func(*args, **kwargs))
     return [cpu_copy(t) for t in flat_outputs(out)]
@@ -205,6 +215,8 @@ def judge_record(record: OpRecord, device_out: Sequence, golden: Golden, model: 
         return [OutputJudgement(0, "float", False, f"fail: op returned {len(device_out)} outputs, "
                                 f"baseline {len(baseline_out)}, golden {len(golden_out)}", math.inf)]
     judgements = []
+    input_dtypes = {t.dtype for t in pytree.tree_leaves((record.args, record.kwargs))
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()}
     for pos, (d, b, g) in enumerate(zip(device_out, baseline_out, golden_out)):
         if b is None and d is None:
             continue
@@ -220,7 +232,7 @@ def judge_record(record: OpRecord, device_out: Sequence, golden: Golden, model: 
             if tuple(g.shape) != tuple(b.shape):
                 judgements.append(judge_float(d, b, g, model.for_values(b, b, b.dtype), position=pos))
                 continue
-            allowance = model.allowance(record.op, golden.args, golden_out, pos, b)
+            allowance = model.allowance(record.op, golden.args, golden_out, pos, b, input_dtypes=input_dtypes)
             judgements.append(judge_float(d, b, g, allowance, position=pos))
         else:
             judgements.append(judge_integer(d, b, g, position=pos))
@@ -255,6 +267,11 @@ def replay(trace: Trace, device: torch.device, precision: Precision = Precision(
             continue
         finally:
             check.faults = [f.spec for f, n in zip(faults, fired) if f.fired > n]
+        if len(dev) == len(record.outputs) and all(
+                (d is None and b is None) or identical(d, b) for d, b in zip(dev, record.outputs)):
+            check.identical, check.verdict, check.golden = True, IDENTICAL, "-"
+            checks.append(check)
+            continue
         gold = golden_outputs(record)
         check.golden = gold.note
         check.outputs = judge_record(record, dev, gold, model)
@@ -312,14 +329,18 @@ def error_ratio(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tens
     if not (tuple(device.shape) == tuple(baseline.shape) == tuple(golden.shape)):
         return None
     d, b, g = as_numpy64(device), as_numpy64(baseline), as_numpy64(golden)
-    keep = np.isfinite(d) & np.isfinite(b) & np.isfinite(g)
-    d, b, g = d[keep] - g[keep], b[keep] - g[keep], g[keep]
+    nonfinite = 0
+    if not (all_finite(d) and all_finite(b) and all_finite(g)):
+        keep = np.isfinite(d) & np.isfinite(b) & np.isfinite(g)
+        d, b, g, nonfinite = d[keep], b[keep], g[keep], int((~keep).sum())
+    d -= g  # fresh copies: as_numpy64 never returns a view of the tensor
+    b -= g
     dev, base = metrics_of_difference(d, g), rmse_of_difference(b)
     eps = torch.finfo(baseline.dtype).eps if baseline.is_floating_point() else torch.finfo(torch.float32).eps
     floor = max(0.25 * eps * rms_finite(g), torch.finfo(torch.float64).tiny)
     ratio = 0.0 if dev.rmse == 0 else dev.rmse / max(base.rmse, floor)
     return {"max_abs": dev.max_abs, "max_rel": dev.max_rel, "cosine": dev.cosine, "rmse": dev.rmse,
-            "baseline_rmse": base.rmse, "ratio": ratio, "nonfinite": int((~keep).sum())}
+            "baseline_rmse": base.rmse, "ratio": ratio, "nonfinite": nonfinite}
 
 
 def _whole_run_row(rg: OpRecord, rb: OpRecord, rd: OpRecord) -> dict:

@@ -3,11 +3,12 @@
 (part, precision).
 
 A report is ``{"tests": [entry, ...]}``; an entry is :meth:`parity.compare.PartResult.to_dict`:
-``nodeid, part, device, precision, passed, ops_checked, ops_skipped, worst_op_margin,
+``nodeid, part, device, precision, passed, ops_checked, ops_identical, ops_skipped, worst_op_margin,
 worst_end_to_end_margin, ensemble_size, first_failure`` (a dict with ``op, module, phase, shapes,
 max_abs, max_rel, cosine, rmse, margin, verdict``, or null), ``ops`` (one row per replayed op, with
 its ``margin``: the error in units of its allowance, the ``baseline_margin`` and the ``allowance``
-component that set it), ``whole_run``, ``end_to_end``, ``faults``, ``notes``.
+component that set it; null for ops bit-identical to the baseline, which pass by construction),
+``whole_run``, ``end_to_end``, ``faults``, ``notes``.
 Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so the JSON is strict.
 """
 import contextlib
@@ -93,15 +94,17 @@ def _cell(text: Any) -> str:
 def to_markdown(tests: Iterable[Any], title: str = "Parity report") -> str:
     """Summary table, then per test the first failure, notes, and the worst ops."""
     entries = [_entry(t) for t in tests]
-    lines = [f"# {title}", "", "Margins are errors in units of their allowance: 1 or less passes.", "",
-             "| test | part | device | precision | result | ops checked | worst op margin | worst end-to-end margin "
+    lines = [f"# {title}", "", "Margins are errors in units of their allowance: 1 or less passes. Ops and "
+             "outputs bit-identical to the baseline pass by construction and have no margin.", "",
+             "| test | part | device | precision | result | ops checked (identical) | worst op margin "
+             "| worst end-to-end margin "
              "| first failure |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         worst = _worst_row(e)
         fail = e.get("first_failure")
         lines.append("| " + " | ".join(_cell(v) for v in (
             e.get("nodeid"), e.get("part"), e.get("device"), e.get("precision"),
-            "pass" if e.get("passed") else "**FAIL**", e.get("ops_checked"),
+            "pass" if e.get("passed") else "**FAIL**", f"{e.get('ops_checked')} ({e.get('ops_identical') or 0})",
             f"{_num(worst.get('margin'))} ({worst.get('overload')})" if worst else None,
             _num(e.get("worst_end_to_end_margin")),
             f"{fail.get('overload') or fail.get('module')}: {fail.get('verdict')}" if fail else None)) + " |")
@@ -140,7 +143,7 @@ def _margin(row: dict) -> float:
 
 
 def _worst_row(entry: dict) -> Optional[dict]:
-    rows = [r for r in entry.get("ops") or [] if r.get("status") != "skipped"]
+    rows = [r for r in entry.get("ops") or [] if r.get("status") != "skipped" and r.get("margin") is not None]
     return max(rows, key=_margin, default=None)
 
 
@@ -177,10 +180,11 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
     lines = []
     for (part, precision), entries in groups.items():
         checked = sum(e.get("ops_checked") or 0 for e in entries)
+        same = sum(e.get("ops_identical") or 0 for e in entries)
         worst = max((w for w in map(_worst_row, entries) if w), key=_margin, default=None)
         fail = next((e["first_failure"] for e in entries if e.get("first_failure")), None)
         status = "PASS" if all(e.get("passed") for e in entries) else "FAIL"
-        line = f"{status} {part} [{precision}]: {checked} ops checked"
+        line = f"{status} {part} [{precision}]: {checked} ops checked ({same} bit-identical to the baseline)"
         if worst:
             line += f", worst op margin {_num(worst.get('margin'))} ({worst.get('overload')} in {worst.get('module')})"
         ends = [e.get("worst_end_to_end_margin") for e in entries if isinstance(e.get("worst_end_to_end_margin"), float)]

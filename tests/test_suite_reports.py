@@ -8,9 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_suite(tmp_path, *args):
+def run_suite(tmp_path, *args, tests=("suite/test_heads.py", "-k", "postprocess")):
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "suite/test_heads.py", "-k", "postprocess",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *tests,
          "--xpu", "cpu", "--model-config", "tiny", "--report-dir", str(tmp_path), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -46,9 +46,10 @@ def test_a_fault_that_never_fires_fails_the_session(tmp_path):
 
 
 def test_margins_are_plotted_and_cpu_alt_is_a_device(tmp_path):
-    result = run_suite(tmp_path, "--xpu", "cpu-alt")
+    # the transformer's sums and norms differ in their last bits on cpu-alt, so they are judged
+    result = run_suite(tmp_path, "--xpu", "cpu-alt", tests=("suite/test_transformer.py",))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "device under test: cpu-alt" in result.stdout and "worst op margin" in result.stdout
-    assert (tmp_path / "margins-postprocess-fp32.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "margins-transformer-fp32.png").read_bytes()[:4] == b"\x89PNG"
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["device"] == "cpu-alt" and 0 < entry["worst_op_margin"] <= 1

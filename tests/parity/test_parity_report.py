@@ -24,11 +24,13 @@ def results():
     run = lambda m, x: m(x).sum()  # noqa: E731
     clean = compare_part("mlp", build, x, run, "cpu", "fp32")
     broken = compare_part("mlp", build, x, run, "cpu", "bf16", ["aten.native_layer_norm:nan"])
-    return clean, broken
+    # a correct device that is not the CPU: its matmuls' last bits differ, so they are judged
+    other = compare_part("mlp", build, x, run, "cpu", "fp32", ["aten.addmm:ulp=1"])
+    return clean, broken, other
 
 
 def test_json_and_markdown_are_written_and_load(tmp_path, results):
-    clean, broken = results
+    clean, broken, _ = results
     paths = write_report(tmp_path / "reports", [clean.to_dict("t::clean"), broken.to_dict("t::broken")])
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == \
         ["margins-mlp-bf16.png", "margins-mlp-fp32.png", "parity.json", "parity.md"]
@@ -67,9 +69,13 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, m
 
 
 def test_summary_line_per_part_and_precision(results):
-    clean, broken = results
+    clean, broken, other = results
     lines = summary_lines([clean, broken])
     assert len(lines) == 2
-    assert lines[0].startswith("PASS mlp [fp32]: ") and "ops checked, worst op margin" in lines[0] and "worst end-to-end margin" in lines[0] and "no failure" in lines[0]
+    assert lines[0] == f"PASS mlp [fp32]: {clean.ops_checked} ops checked ({clean.ops_checked} bit-identical to the " \
+        "baseline), no failure"
+    (line,) = summary_lines([other])
+    assert line.startswith("PASS mlp [fp32]: ") and "bit-identical to the baseline), worst op margin" in line
+    assert "(aten.addmm.default in " in line and "worst end-to-end margin" in line and line.endswith("no failure")
     assert lines[1].startswith("FAIL mlp [bf16]: ")
     assert "first failure: aten.native_layer_norm.default in 1: fail: NaN" in lines[1]
