@@ -184,7 +184,9 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
         worst = max((w for w in map(_worst_row, entries) if w), key=_margin, default=None)
         fail = next((e["first_failure"] for e in entries if e.get("first_failure")), None)
         status = "PASS" if all(e.get("passed") for e in entries) else "FAIL"
-        line = f"{status} {part} [{precision}]: {checked} ops checked ({same} bit-identical to the baseline)"
+        line = f"{status} {part} [{precision}]: {checked} ops checked"
+        if checked:
+            line += f" ({same} bit-identical to the baseline)"
         if worst:
             line += f", worst op margin {_num(worst.get('margin'))} ({worst.get('overload')} in {worst.get('module')})"
         ends = [e.get("worst_end_to_end_margin") for e in entries if isinstance(e.get("worst_end_to_end_margin"), float)]
