@@ -11,6 +11,7 @@ eval mode or with p=0 so that the runs draw the same numbers.
 """
 import contextlib
 import copy
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -95,8 +96,8 @@ class PartResult:
         return max(judged, key=lambda e: e.judgement.margin, default=None)
 
     def rerun_command(self, nodeid: Optional[str] = None) -> str:
-        target = f"'{nodeid}'" if nodeid else "<test id>"
-        faults = "".join(f" --inject-fault '{f.spec}'" for f in self.faults)
+        target = shlex.quote(nodeid) if nodeid else "<test id>"
+        faults = "".join(f" --inject-fault {shlex.quote(f.spec)}" for f in self.faults)
         extra = f" {self.rerun_options}" if self.rerun_options else ""
         return f"pytest {target} --xpu {self.device} --precision {self.precision}{extra}{faults}"
 

@@ -1,6 +1,8 @@
 """Parity results as files, written atomically (a temporary file in the same directory, then
-``os.replace``): JSON for machines, Markdown for people, plus one terminal line per
-(part, precision).
+``os.replace``, readable as the umask allows): JSON for machines, Markdown for people, plus one
+terminal line per (part, precision). Runs accumulate: an entry replaces the earlier one of the same
+node id, device and precision, every entry carries the time it was written, and a report that
+cannot be read is kept aside as ``*.corrupt-<time>``, never overwritten.
 
 A report is ``{"tests": [entry, ...]}``; an entry is :meth:`parity.compare.PartResult.to_dict`:
 ``nodeid, part, device, precision, passed, ops_checked, ops_identical, ops_skipped, worst_op_margin,
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
@@ -35,6 +38,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; reports are for the group too
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,6 +49,45 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class CorruptReport(ValueError):
+    """A report file exists but cannot be read; it has been moved aside, and the message says where."""
+
+
+def load_list_or_set_aside(path: PathLike, field: str) -> List[dict]:
+    """The list of objects under ``field`` of the JSON file ``path`` ([] when there is none). A file
+    that cannot be read is renamed to ``<name>.corrupt-<time>`` and CorruptReport says so."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))[field]
+        if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
+            raise TypeError(f"{field} is not a list of objects")
+        return items
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        raise CorruptReport(f"{path} could not be read ({type(exc).__name__}: {exc}); kept as {aside}, "
+                            "starting a new report") from exc
+
+
+ENTRY_KEY = ("nodeid", "device", "precision")
+
+
+def merge_entries(existing: Iterable[dict], new: Iterable[dict]) -> List[dict]:
+    """``existing`` in its order without the entries that ``new`` replaces (same node id, device and
+    precision), then ``new``."""
+    new = list(new)
+    replaced = {tuple(e.get(k) for k in ENTRY_KEY) for e in new}
+    return [e for e in existing if tuple(e.get(k) for k in ENTRY_KEY) not in replaced] + new
 
 
 def _entry(test: Any, nodeid: Optional[str] = None) -> dict:
@@ -159,15 +202,23 @@ def write_markdown(path: PathLike, tests: Iterable[Any], title: str = "Parity re
 
 
 def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity") -> Dict[str, Any]:
-    """Writes ``<name>.json``, ``<name>.md`` and one margin plot per part under ``directory``;
-    returns their paths (``plots``: a list)."""
+    """Merges ``tests`` into ``<name>.json`` and ``<name>.md`` under ``directory`` and writes one
+    margin plot per new part; returns their paths (``plots``: a list), the merged ``entries`` and a
+    ``warning`` (None, or what happened to an unreadable earlier report)."""
     from .plots import write_plots
 
-    tests = [_entry(t) for t in tests]
+    written = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tests = [{**_entry(t), "time": written} for t in tests]
     directory = Path(directory)
-    return {"json": write_json(directory / f"{name}.json", tests),
-            "markdown": write_markdown(directory / f"{name}.md", tests),
-            "plots": write_plots(directory, tests)}
+    warning = None
+    try:
+        existing = load_list_or_set_aside(directory / f"{name}.json", "tests")
+    except CorruptReport as exc:
+        existing, warning = [], str(exc)
+    entries = merge_entries(existing, tests)
+    return {"json": write_json(directory / f"{name}.json", entries),
+            "markdown": write_markdown(directory / f"{name}.md", entries),
+            "plots": write_plots(directory, tests), "entries": entries, "warning": warning}
 
 
 def summary_lines(tests: Iterable[Any]) -> List[str]:

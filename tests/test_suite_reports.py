@@ -33,6 +33,7 @@ def test_injected_fault_fails_naming_the_op(tmp_path):
     assert result.returncode == 1, result.stdout[-3000:]
     assert "first failing op: #0 aten._softmax.default (forward)" in result.stdout
     assert "re-run: pytest 'suite/test_heads.py::test_postprocess[fp32]' --xpu cpu" in result.stdout
+    assert f"--model-config tiny --report-dir {tmp_path} --inject-fault aten._softmax:round=bf16" in result.stdout
     assert "FAIL postprocess [fp32]" in result.stdout
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["passed"] is False
@@ -53,3 +54,14 @@ def test_margins_are_plotted_and_cpu_alt_is_a_device(tmp_path):
     assert (tmp_path / "margins-transformer-fp32.png").read_bytes()[:4] == b"\x89PNG"
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["device"] == "cpu-alt" and 0 < entry["worst_op_margin"] <= 1
+
+
+def test_runs_add_to_one_report(tmp_path):
+    assert run_suite(tmp_path).returncode == 0
+    second = run_suite(tmp_path, tests=("suite/test_position_encoding.py", "-k", "sine"))
+    assert second.returncode == 0, second.stdout[-3000:]
+    nodeids = [e["nodeid"] for e in json.loads((tmp_path / "parity.json").read_text())["tests"]]
+    assert nodeids == ["suite/test_heads.py::test_postprocess[fp32]",
+                       "suite/test_position_encoding.py::test_sine_position_encoding[fp32]"]
+    markdown = (tmp_path / "parity.md").read_text()
+    assert "test_postprocess" in markdown and "test_sine_position_encoding" in markdown

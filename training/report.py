@@ -5,12 +5,10 @@ Both files are rewritten atomically after every run; a report file that cannot b
 aside under a new name, never overwritten.
 """
 import json
-import os
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from parity.report import atomic_write
+from parity.report import CorruptReport, atomic_write, load_list_or_set_aside
 
 JSON_NAME = "training_report.json"
 MD_NAME = "training_report.md"
@@ -33,8 +31,7 @@ GENERAL_METRICS = (
 )
 
 
-class ReportError(ValueError):
-    """A report file exists but cannot be read; it has been moved aside, and the message says where."""
+ReportError = CorruptReport
 
 
 def row_key(row: Dict[str, Any]) -> Tuple:
@@ -49,18 +46,7 @@ def merge_rows(existing: Sequence[Dict[str, Any]], new: Dict[str, Any]) -> List[
 
 def load_rows(path: Path) -> List[Dict[str, Any]]:
     """The rows of an earlier report; a corrupt file is renamed to ``*.corrupt-<time>`` and ReportError raised."""
-    if not path.exists():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["rows"]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise TypeError("rows is not a list of objects")
-        return rows
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, aside)
-        raise ReportError(f"{path} could not be read ({type(exc).__name__}: {exc}); kept as {aside}, starting a new report") from exc
+    return load_list_or_set_aside(path, "rows")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -79,3 +79,27 @@ def test_summary_line_per_part_and_precision(results):
     assert "(aten.addmm.default in " in line and "worst end-to-end margin" in line and line.endswith("no failure")
     assert lines[1].startswith("FAIL mlp [bf16]: ")
     assert "first failure: aten.native_layer_norm.default in 1: fail: NaN" in lines[1]
+
+
+def test_reports_accumulate_the_newest_wins_and_a_corrupt_one_is_kept_aside(tmp_path, results):
+    clean, broken, other = results
+    assert write_report(tmp_path, [clean.to_dict("t::a"), broken.to_dict("t::b")])["warning"] is None
+    second = write_report(tmp_path, [other.to_dict("t::a")])  # same node id, device and precision as clean
+    entries = load_json(second["json"])["tests"]
+    assert [(e["nodeid"], e["precision"]) for e in entries] == [("t::b", "bf16"), ("t::a", "fp32")]
+    assert entries[1]["faults"][0]["spec"] == "aten.addmm:ulp=1" and all(e["time"] for e in entries)
+    assert "t::b" in second["markdown"].read_text()
+    (tmp_path / "parity.json").write_text('{"tests": [')
+    third = write_report(tmp_path, [clean.to_dict("t::c")])
+    (aside,) = tmp_path.glob("parity.json.corrupt-*")
+    assert aside.read_text() == '{"tests": [' and f"kept as {aside}" in third["warning"]
+    assert [e["nodeid"] for e in load_json(third["json"])["tests"]] == ["t::c"]
+
+
+def test_report_files_are_as_readable_as_the_umask_allows(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "r.json", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
