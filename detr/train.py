@@ -27,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 import detr
 
 from . import distributed as D
-from .data.coco import build_dataset, coco_api, num_classes
+from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
 from .engine import evaluate, train_one_epoch
 from .misc import collate_fn
 from .train_faults import FaultyCriterion, TrainFault
@@ -189,6 +189,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     backend = D.init_distributed(info, device, args.dist_backend, args.dist_timeout)
     try:
         return train(args, info, device, backend, overrides, fault, synthetic, threads, process_start)
+    except DatasetError as exc:
+        raise SystemExit(f"dataset: {exc}") from exc
     finally:
         D.shutdown()
 
@@ -247,24 +249,39 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
     if len(loader_train) == 0:
         raise SystemExit(f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} "
                          f"on each of {info.world_size} rank(s)")
+    if fault is not None:
+        planned = len(loader_train) * args.epochs if args.max_steps is None else min(args.max_steps, len(loader_train) * args.epochs)
+        if fault.rank >= info.world_size or fault.step >= planned:
+            raise SystemExit(f"--fail-at {args.fail_at}: this run has rank(s) 0..{info.world_size - 1} and steps "
+                             f"0..{planned - 1}, so the fault would never fire")
+    # Bad data fails here, before the first step, not at the first evaluation an epoch later. Each
+    # rank reads the headers of its share of the training images and decodes its validation images.
+    t0 = time.perf_counter()
+    validate_split(dataset_train, range(info.rank, len(dataset_train), info.world_size), decode=False)
+    validate_split(dataset_val, range(info.rank, len(dataset_val), info.world_size), decode=True)
+    D.barrier()
+    log(f"dataset checked in {time.perf_counter() - t0:.1f}s: {len(dataset_train)} training image headers, "
+        f"{len(dataset_val)} validation images decoded")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, steps_done, history, step_losses = 0, 0, [], []
     counters = {"samples": 0.0, "train_time": 0.0, "eval_time": 0.0, "core_time": 0.0}
-    best, target_hit = None, None
+    best, target_hit, pending_eval = None, None, False
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        start_epoch, steps_done, history = ckpt["epoch"] + 1, ckpt["steps"], ckpt["history"]
+        pending_eval = ckpt.get("pending_eval", False)
+        start_epoch, steps_done, history = ckpt["epoch"] + (0 if pending_eval else 1), ckpt["steps"], ckpt["history"]
         step_losses, counters, best, target_hit = ckpt["step_losses"], ckpt["counters"], ckpt["best"], ckpt["target_hit"]
         if len(ckpt["rng"]) != info.world_size:
             raise SystemExit(f"--resume {args.resume}: saved by {len(ckpt['rng'])} rank(s), resumed by {info.world_size}")
         g.set_state(ckpt["sampler_rng"])
         torch.set_rng_state(ckpt["rng"][info.rank])
-        log(f"resumed from {args.resume} at epoch {start_epoch}, step {steps_done}")
+        log(f"resumed from {args.resume} at epoch {start_epoch}, step {steps_done}"
+            + (" (its evaluation first)" if pending_eval else ""))
     if fault is not None:
         criterion = FaultyCriterion(criterion, fault, info.rank, first_step=steps_done)
 
@@ -288,48 +305,64 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
 
     if steps_done < args.warmup_steps:
         warm_up_lr(steps_done)
+    def checkpoint(epoch: int, rows: List[dict], pending: bool) -> None:
+        """Every rank's RNG state, and on rank 0 the checkpoint; ``pending``: written after the
+        epoch's training and before its evaluation, which a resume then runs first."""
+        rng_states = D.all_gather_object(torch.get_rng_state())
+        if info.is_main:
+            save_checkpoint(output_dir / "checkpoint.pth", {
+                "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "steps": steps_done, "history": rows,
+                "step_losses": step_losses, "counters": counters, "best": best, "target_hit": target_hit,
+                "args": vars(args), "sampler_rng": g.get_state(), "rng": rng_states, "pending_eval": pending,
+            })
+
     for epoch in range(start_epoch, args.epochs):
-        remaining = None if args.max_steps is None else args.max_steps - steps_done
-        if remaining is not None and remaining <= 0:
-            break
-        if info.enabled:
-            sampler_train.set_epoch(epoch)
-        stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up)
-        lr_scheduler.step()
-        steps_done += stats.steps
-        counters["samples"] += D.all_reduce([stats.samples])[0]
-        counters["train_time"] += stats.wall_time
-        counters["core_time"] += D.all_reduce([stats.core_time], "max")[0]
-        step_losses.extend(D.all_reduce(stats.step_losses, "sum"))
+        if pending_eval:  # trained before the interruption; only its evaluation is left
+            row, pending_eval = history.pop(), False
+        else:
+            remaining = None if args.max_steps is None else args.max_steps - steps_done
+            if remaining is not None and remaining <= 0:
+                break
+            if info.enabled:
+                sampler_train.set_epoch(epoch)
+            stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
+                                    autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up)
+            lr_scheduler.step()
+            steps_done += stats.steps
+            counters["samples"] += D.all_reduce([stats.samples])[0]
+            counters["train_time"] += stats.wall_time
+            counters["core_time"] += D.all_reduce([stats.core_time], "max")[0]
+            step_losses.extend(D.all_reduce(stats.step_losses, "sum"))
+            row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
+                   "train_time": counters["train_time"], "elapsed": time.time() - process_start,
+                   "images_per_s": stats.samples * info.world_size / stats.wall_time}
         last = epoch + 1 == args.epochs or (args.max_steps is not None and steps_done >= args.max_steps)
-        row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
-               "train_time": counters["train_time"], "elapsed": time.time() - process_start}
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or last:
+            checkpoint(epoch, history + [row], pending=True)
+            if fault is not None and fault.kind == "eval-crash" and info.rank == fault.rank and steps_done > fault.step:
+                raise RuntimeError(f"injected crash in the evaluation after step {steps_done - 1} on rank {info.rank} (--fail-at)")
             t0 = time.perf_counter()
             result = evaluate(model_without_ddp, postprocess, loader_val, coco_gt, device, autocast_dtype if autocast_dtype != torch.float16 else None)
             counters["eval_time"] += time.perf_counter() - t0
+            if result["AP"] < 0:  # pycocotools' "no ground truth": never a result
+                raise DatasetError(f"the validation split has no ground truth for the {len(dataset_val)} images evaluated "
+                                   "(COCO AP -1)")
             row["mAP"] = result["AP"]
             row["AP50"] = result["AP50"]
             best = result["AP"] if best is None else max(best, result["AP"])
             log(f"epoch {epoch} step {steps_done} mAP {result['AP']:.4f} AP50 {result['AP50']:.4f} "
-                f"({stats.samples * info.world_size / stats.wall_time:.1f} img/s, {row['elapsed']:.0f}s)")
+                f"({row['images_per_s']:.1f} img/s, {row['elapsed']:.0f}s)")
             if args.target_map is not None and target_hit is None and result["AP"] >= args.target_map:
                 target_hit = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"],
                               "train_time": counters["train_time"], "elapsed": row["elapsed"]}
                 log(f"target mAP {args.target_map} reached at step {steps_done} after {row['elapsed']:.0f}s: stopping")
                 last = True
         history.append(row)
-        rng_states = D.all_gather_object(torch.get_rng_state())
         if info.is_main:
             with open(output_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            save_checkpoint(output_dir / "checkpoint.pth", {
-                "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "steps": steps_done, "history": history,
-                "step_losses": step_losses, "counters": counters, "best": best, "target_hit": target_hit,
-                "args": vars(args), "sampler_rng": g.get_state(), "rng": rng_states,
-            })
+        checkpoint(epoch, history, pending=False)
         if last:
             break
 

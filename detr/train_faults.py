@@ -1,5 +1,5 @@
 """Faults a training run can be told to inject (``--fail-at``), so that the harness's handling of a
-crashed rank, a NaN loss and a hung collective can itself be tested."""
+crashed rank, a NaN loss, a hung collective and a failed evaluation can itself be tested."""
 import math
 import time
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-KINDS = ("crash", "nan", "hang")
+KINDS = ("crash", "nan", "hang", "eval-crash")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class TrainFault:
 
     @classmethod
     def parse(cls, spec: str) -> "TrainFault":
-        """``RANK:STEP:KIND``, e.g. ``3:5:crash``; STEP counts training steps from 0 over the whole run."""
+        """``RANK:STEP:KIND``, e.g. ``3:5:crash``; STEP counts training steps from 0 over the whole run.
+        ``eval-crash`` crashes the first evaluation after step STEP instead of the step itself."""
         parts = spec.split(":")
         if len(parts) != 3 or parts[2] not in KINDS or not all(p.isdigit() for p in parts[:2]):
             raise ValueError(f"--fail-at {spec!r}: expected RANK:STEP:KIND with KIND one of {', '.join(KINDS)}")
@@ -41,7 +42,7 @@ class FaultyCriterion(nn.Module):
     def forward(self, outputs, targets) -> Dict[str, Tensor]:
         losses = self.criterion(outputs, targets)
         step, self.step = self.step, self.step + 1
-        if self.rank != self.fault.rank or step != self.fault.step:
+        if self.rank != self.fault.rank or step != self.fault.step or self.fault.kind == "eval-crash":
             return losses
         if self.fault.kind == "crash":
             raise RuntimeError(f"injected crash on rank {self.rank} at step {step} (--fail-at)")

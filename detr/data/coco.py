@@ -6,7 +6,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from PIL import Image
@@ -185,6 +185,22 @@ class CocoDetection(Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"cannot read image {path} (id {image_id}, listed in {self.ann_file.name}): {e}") from e
 
+    def check_image(self, image_id: int, decode: bool = False) -> None:
+        """Opens the image (its header; all of it with ``decode``): DatasetError names it if it cannot be read."""
+        if decode:
+            self.load_image(image_id)
+            return
+        path = self.img_folder / self.coco.imgs[image_id]["file_name"]
+        if not path.is_file():
+            raise DatasetError(f"image {path} (id {image_id}, listed in {self.ann_file.name}) does not exist")
+        try:
+            with Image.open(path) as img:  # parses the header only
+                width, height = img.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DatasetError(f"cannot read image {path} (id {image_id}, listed in {self.ann_file.name}): {e}") from e
+        if width <= 0 or height <= 0:
+            raise DatasetError(f"image {path} (id {image_id}, listed in {self.ann_file.name}) is {width}x{height}")
+
     def __getitem__(self, idx: int):
         image_id = self.ids[idx]
         image = self.load_image(image_id)
@@ -217,6 +233,30 @@ def build_dataset(image_set: str, coco_path: PathLike, transforms: Any = _DEFAUL
         root / "annotations" / f"instances_{image_set}2017.json",
         transforms=transforms,
     )
+
+
+def _base_indices(dataset: Union[CocoDetection, Subset], indices: Iterable[int]) -> Tuple[CocoDetection, List[int]]:
+    indices = list(indices)
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def validate_split(dataset: Union[CocoDetection, Subset], indices: Optional[Iterable[int]] = None,
+                   decode: bool = False) -> None:
+    """Checks a split before any training: it has ground truth (a non-crowd box on one of its
+    images), and the images at ``indices`` (default all) can be opened (decoded, with ``decode``).
+    DatasetError names the annotation file or the image. Annotations that refer to unknown images
+    or categories were already refused when the file was loaded."""
+    base, every = _base_indices(dataset, range(len(dataset)))
+    boxes = sum(1 for i in every for a in base.coco.imgToAnns[base.ids[i]] if a.get("iscrowd", 0) == 0)
+    if boxes == 0:
+        raise DatasetError(f"{base.ann_file}: the {len(every)} images used have no ground-truth boxes "
+                           "(COCO AP would be -1, and there is nothing to learn)")
+    _, chosen = _base_indices(dataset, range(len(dataset)) if indices is None else indices)
+    for i in chosen:
+        base.check_image(base.ids[i], decode=decode)
 
 
 def coco_api(dataset: Union[CocoDetection, Subset]) -> COCO:
