@@ -265,7 +265,11 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:  # left by a run killed while writing; only one job writes to an output folder
+        for stale in output_dir.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
     start_epoch, steps_done, history, step_losses = 0, 0, [], []
+    earlier, resumes = 0.0, []  # seconds of the runs before a resume, up to their checkpoint
     counters = {"samples": 0.0, "train_time": 0.0, "eval_time": 0.0, "core_time": 0.0}
     best, target_hit, pending_eval = None, None, False
     if args.resume:
@@ -274,6 +278,8 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         pending_eval = ckpt.get("pending_eval", False)
+        earlier = ckpt.get("elapsed", 0.0)
+        resumes = ckpt.get("resumes", []) + [{"checkpoint": str(args.resume), "epoch": ckpt["epoch"], "steps": ckpt["steps"]}]
         start_epoch, steps_done, history = ckpt["epoch"] + (0 if pending_eval else 1), ckpt["steps"], ckpt["history"]
         step_losses, counters, best, target_hit = ckpt["step_losses"], ckpt["counters"], ckpt["best"], ckpt["target_hit"]
         if len(ckpt["rng"]) != info.world_size:
@@ -289,6 +295,11 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
     log(f"training {args.model} ({n_params:,} trainable parameters) on {device} x {info.world_size} ({backend or 'single process'}), "
         f"{threads} thread(s) per rank, {len(dataset_train)} images from {coco_path}, batch {args.batch_size} per device, {args.precision}")
     result: Dict[str, Any] = {"AP": None}
+
+    def elapsed() -> float:
+        """Seconds since the first run started, adding the runs before each resume up to their checkpoint."""
+        return earlier + time.time() - process_start
+
     sync = lambda: D.synchronize(device)  # noqa: E731
     step_count = steps_done
 
@@ -315,6 +326,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "steps": steps_done, "history": rows,
                 "step_losses": step_losses, "counters": counters, "best": best, "target_hit": target_hit,
                 "args": vars(args), "sampler_rng": g.get_state(), "rng": rng_states, "pending_eval": pending,
+                "elapsed": elapsed(), "resumes": resumes,
             })
 
     for epoch in range(start_epoch, args.epochs):
@@ -335,7 +347,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
             counters["core_time"] += D.all_reduce([stats.core_time], "max")[0]
             step_losses.extend(D.all_reduce(stats.step_losses, "sum"))
             row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
-                   "train_time": counters["train_time"], "elapsed": time.time() - process_start,
+                   "train_time": counters["train_time"], "elapsed": elapsed(),
                    "images_per_s": stats.samples * info.world_size / stats.wall_time}
         last = epoch + 1 == args.epochs or (args.max_steps is not None and steps_done >= args.max_steps)
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or last:
@@ -377,7 +389,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
                    "lr_backbone": args.lr_backbone, "weight_decay": args.weight_decay, "lr_drop": args.lr_drop,
                    "clip_max_norm": args.clip_max_norm, "epochs": args.epochs, "max_steps": args.max_steps,
                    "seed": args.seed, "model_overrides": overrides},
-        "e2e_time": time.time() - process_start, "steps": steps_done, **counters,
+        "e2e_time": elapsed(), "resumed": resumes, "steps": steps_done, **counters,
         "mAP": result["AP"], "best_mAP": best, "target_mAP": args.target_map, "target_reached": target_hit,
         "mem_actual_gib": mem_actual or None, "mem_total_gib": D.total_memory_gib(device),
         "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "mAP")} for r in history if "mAP" in r],

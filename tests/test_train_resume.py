@@ -29,3 +29,16 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert resumed["samples"] == straight["samples"] == 24
     checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["steps"] == 12
+    # time adds up across the resume, which the result records
+    assert [r["epoch"] for r in resumed["resumed"]] == [0] and straight["resumed"] == []
+    assert resumed["e2e_time"] > resumed["train_time"] + resumed["eval_time"]
+    assert resumed["curve"][1]["elapsed"] > resumed["curve"][0]["elapsed"] > 0
+
+
+def test_temporary_files_of_a_killed_write_are_cleaned_at_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.pth.tmp-99999"
+    stale.write_bytes(b"half a checkpoint")
+    train(out, "--epochs", "1", "--max-steps", "1")
+    assert not stale.exists() and (out / "checkpoint.pth").exists()
