@@ -69,8 +69,19 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         raise pytest.UsageError(f"--inject-fault: {exc}") from None
     coco_path = config.getoption("--coco-path")
+    config.detr_coco_batch = None
     if coco_path is not None and not os.path.isdir(coco_path):
         raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")
+    if coco_path is not None:
+        # checked before any test runs: the parity batch's images decode, their annotations load
+        from detr import get_config
+        from detr.data.coco import DatasetError
+        from fixtures.data import coco_parity_batch
+
+        try:
+            config.detr_coco_batch = coco_parity_batch(coco_path, get_config(config.getoption("--model-config")).num_classes)
+        except DatasetError as exc:
+            raise pytest.UsageError(f"--coco-path {coco_path}: {exc}") from None
     try:
         import_plugins(config.getoption("--xpu-plugin"))
         config.detr_xpu = resolve(config.getoption("--xpu"))

@@ -65,3 +65,21 @@ def test_runs_add_to_one_report(tmp_path):
                        "suite/test_position_encoding.py::test_sine_position_encoding[fp32]"]
     markdown = (tmp_path / "parity.md").read_text()
     assert "test_postprocess" in markdown and "test_sine_position_encoding" in markdown
+
+
+def test_coco_path_feeds_the_parity_batch_and_is_checked_before_any_test(tmp_path):
+    from detr.data.synthetic import generate
+
+    coco = generate(tmp_path / "coco", seed=2, num_train=2, num_val=3, min_size=96, max_size=160, crowd_every=0)
+    result = run_suite(tmp_path / "r", "--coco-path", str(coco), tests=("suite/test_heads.py", "-k", "model_forward"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    (entry,) = json.loads((tmp_path / "r" / "parity.json").read_text())["tests"]
+    assert entry["notes"][0].startswith("inputs: validation images 0") and entry["notes"][0].endswith(f"of {coco}")
+    annotations = coco / "annotations" / "instances_val2017.json"
+    annotations.write_text(annotations.read_text()[:100])
+    broken = run_suite(tmp_path / "r", "--coco-path", str(coco))
+    assert broken.returncode == 4, broken.stdout[-3000:]
+    assert f"--coco-path {coco}: annotation file {annotations} is not valid JSON" in broken.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_suite(tmp_path / "r", "--coco-path", str(tmp_path / "empty"))
+    assert empty.returncode == 4 and "val2017 does not exist" in empty.stderr, empty.stderr[-2000:]
