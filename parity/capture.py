@@ -13,6 +13,8 @@ running at the time, and during backward ``torch._C._current_autograd_node()`` i
 Gradient accumulation into a parameter is attributed to the parameter's module.
 """
 import contextlib
+import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -23,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .faults import FaultSpec, apply_faults, is_view_op, parse_faults
 from .metrics import bind_arguments
+from .spill import Stored, TensorStore, load_tree
 
 KEEP = ("tensors", "outputs", "stats")
 UNINITIALISED = ("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
@@ -97,7 +100,9 @@ class OpRecord:
 
 
 class Trace(list):
-    """The :class:`OpRecord` of one run, in execution order."""
+    """The :class:`OpRecord` of one run, in execution order; ``store`` holds its spilled tensors."""
+
+    store: Optional[TensorStore] = None
 
     def phase(self, phase: str) -> "Trace":
         return Trace(r for r in self if r.phase == phase)
@@ -219,19 +224,69 @@ class CaptureMode(TorchDispatchMode):
     """Records each aten op into ``trace`` and applies ``faults`` to the outputs first."""
 
     def __init__(self, trace: Trace, tracker: _ModuleTracker, keep: str = "tensors",
-                 faults: Sequence[FaultSpec] = ()):
+                 faults: Sequence[FaultSpec] = (), store: Optional[TensorStore] = None):
         super().__init__()
         if keep not in KEEP:
             raise ValueError(f"keep={keep!r}; accepted: {', '.join(KEEP)}")
         self.trace, self.tracker, self.keep, self.faults = trace, tracker, keep, list(faults)
+        self.store = store
+        self._copies: Dict[int, Tuple[Any, int, torch.Tensor]] = {}
+        self._by_storage: Dict[int, List[int]] = {}
+
+    def _copy(self, t: Any, share: bool = True) -> Any:
+        """A CPU copy of tensor ``t``, shared with the earlier records that saw ``t`` unchanged (the
+        same object, at the same version, its memory written by no op since): an op's output is
+        copied once, not again by each op that reads it, which halves what a training step's trace
+        holds. ``share=False`` for the outputs of ops that write their inputs, whose version counter
+        is bumped only after the op returns to the dispatcher."""
+        if not isinstance(t, torch.Tensor):
+            return t
+        try:
+            version, storage = t._version, t.untyped_storage().data_ptr()
+        except (RuntimeError, AttributeError, NotImplementedError):  # no version counter or storage
+            return self._new_copy(t)
+        hit = self._copies.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == version:
+            return hit[2]
+        copy = self._new_copy(t)
+        if share:
+            try:
+                self._copies[id(t)] = (weakref.ref(t), version, copy)
+                self._by_storage.setdefault(storage, []).append(id(t))
+            except TypeError:
+                pass
+        return copy
+
+    def _new_copy(self, t: torch.Tensor) -> Any:
+        return self.store.put(t) if self.store is not None else t.detach().to("cpu", copy=True)
+
+    def _forget_written(self, func, args, kwargs) -> None:
+        """Drops the shared copies of every tensor whose memory ``func`` writes (views and ``.data``
+        aliases included: they share the storage)."""
+        bound = bind_arguments(func, args, kwargs)
+        for argument in func._schema.arguments:
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = bound.get(argument.name)
+            for t in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(t, torch.Tensor):
+                    try:
+                        storage = t.untyped_storage().data_ptr()
+                    except (RuntimeError, NotImplementedError):
+                        continue
+                    for key in self._by_storage.pop(storage, []):
+                        self._copies.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         recorded = not is_view_op(func) and str(func.overloadpacket) not in UNINITIALISED
-        saved = cpu_copy((args, kwargs)) if recorded and self.keep == "tensors" else None
+        saved = pytree.tree_map(self._copy, (args, kwargs)) if recorded and self.keep == "tensors" else None
         fired_before = [f.fired for f in self.faults]
         out = func(*args, **kwargs)
         out = apply_faults(self.faults, func, out)
+        writes = func._schema.is_mutable
+        if writes and self.keep == "tensors":  # recorded or not (resize_, in-place ops returning nothing)
+            self._forget_written(func, args, kwargs)
         flat = flat_outputs(out)
         if not recorded or not any(t is not None for t in flat):
             return out
@@ -251,7 +306,9 @@ class CaptureMode(TorchDispatchMode):
         )
         if saved is not None:
             record.args, record.kwargs = saved
-        if self.keep != "stats":
+        if self.keep == "tensors":
+            record.outputs = [self._copy(t, share=not writes) for t in flat]
+        elif self.keep == "outputs":
             record.outputs = [cpu_copy(t) for t in flat]
         self.trace.append(record)
         return out
@@ -259,21 +316,31 @@ class CaptureMode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def capturing(root_module: Optional[torch.nn.Module] = None, faults: Sequence = (),
-              keep: str = "tensors") -> Iterator[Trace]:
+              keep: str = "tensors", spill: bool = False) -> Iterator[Trace]:
     """``with capturing(model) as trace: ...`` records what runs inside into ``trace``."""
     trace = Trace()
+    trace.store = TensorStore() if spill and keep == "tensors" else None
     tracker = _ModuleTracker(root_module)
-    with tracker.installed(), CaptureMode(trace, tracker, keep, parse_faults(faults)):
+    with tracker.installed(), CaptureMode(trace, tracker, keep, parse_faults(faults), trace.store):
         yield trace
 
 
 def capture(fn: Callable, *args, root_module: Optional[torch.nn.Module] = None,
-            faults: Sequence = (), keep: str = "tensors", **kwargs) -> Tuple[Any, Trace]:
+            faults: Sequence = (), keep: str = "tensors", spill: bool = False, **kwargs) -> Tuple[Any, Trace]:
     """Runs ``fn(*args, **kwargs)`` (forward and, if ``fn`` calls it, backward) and returns its
     result with the :class:`Trace` of aten ops. ``faults`` (specs or :class:`FaultSpec`, whose
     ``fired`` counters are updated) perturb the run. ``keep``: ``"tensors"`` (inputs and outputs,
     for replay), ``"outputs"`` (outputs only) or ``"stats"`` (per-output :class:`TensorStats`, for
-    runs too big to copy)."""
-    with capturing(root_module, faults, keep) as trace:
+    runs too big to copy). ``spill``: with ``"tensors"``, the copies go to a temporary file and
+    the records hold :class:`~parity.spill.Stored` handles (see :func:`loaded`)."""
+    with capturing(root_module, faults, keep, spill) as trace:
         result = fn(*args, **kwargs)
     return result, trace
+
+
+def loaded(record: OpRecord) -> OpRecord:
+    """``record`` with its spilled inputs and outputs read back (itself when nothing was spilled)."""
+    if not any(isinstance(leaf, Stored) for leaf in pytree.tree_leaves((record.args, record.kwargs, record.outputs))):
+        return record
+    return dataclasses.replace(record, args=load_tree(record.args), kwargs=load_tree(record.kwargs),
+                               outputs=load_tree(record.outputs))

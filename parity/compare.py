@@ -11,6 +11,7 @@ eval mode or with p=0 so that the runs draw the same numbers.
 """
 import contextlib
 import copy
+import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -194,7 +195,9 @@ def _execute(module: torch.nn.Module, inputs: Any, run: RunFn, device: torch.dev
             with inject(faults):
                 out, trace = body(), None
         else:
-            out, trace = capture(body, root_module=module, faults=faults, keep=keep)
+            # the replay trace goes to a temporary file: a training step's inputs and outputs are GiBs
+            spill = keep == "tensors" and os.environ.get("DETR_PARITY_SPILL", "1") != "0"
+            out, trace = capture(body, root_module=module, faults=faults, keep=keep, spill=spill)
     grads = [(f"grad {name}", cpu_copy(p.grad) if p.grad is not None else None) for name, p in module.named_parameters()]
     return _Run(cpu_copy(pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)), grads, trace)
 

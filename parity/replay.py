@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from .capture import OpRecord, Trace, cpu_copy, flat_outputs
+from .capture import OpRecord, Trace, cpu_copy, flat_outputs, loaded
 from .errormodel import ErrorModel
 from .faults import FaultSpec, apply_faults, parse_faults
 from .judge import IDENTICAL, OutputJudgement, identical, judge_float, judge_integer
@@ -251,6 +251,7 @@ def replay(trace: Trace, device: torch.device, precision: Precision = Precision(
     for record in trace:
         if record.args is None or record.outputs is None:
             raise ValueError("isolated replay needs a trace captured with keep='tensors'")
+        record = loaded(record)
         check = OpCheck(record.index, record.op, record.overload, record.module, record.phase,
                         record.shapes, "pass", "pass")
         if record.random:
@@ -315,7 +316,7 @@ def compare_runs(golden: Trace, baseline: Trace, device: Trace) -> WholeRun:
         if rb.random and not notes:
             notes.append(f"random op {rb.overload} at baseline op #{rb.index}: later whole-run errors include "
                          "different random draws (use eval mode or p=0 to avoid)")
-        rows.append(_whole_run_row(rg, rb, rd))
+        rows.append(_whole_run_row(rg, loaded(rb), rd))
     else:
         if not len(g) == len(b) == len(d):
             diverged = f"lengths differ (casts left out): golden {len(g)}, baseline {len(b)}, device {len(d)} ops"

@@ -97,3 +97,24 @@ def test_random_ops_are_flagged_unless_their_randomness_is_off():
     flagged = {r.overload: r.random for r in trace}
     assert not any(v for k, v in flagged.items() if "scaled_dot_product" in k), flagged
     assert any(v for k, v in flagged.items() if "bernoulli" in k or "dropout" in k), flagged
+
+
+def test_copies_are_shared_only_while_the_tensor_is_unchanged():
+    x = torch.arange(6.0)
+
+    def fn():
+        y = x * 2
+        a = y + 1  # reads y as the multiplication left it
+        y.data.mul_(10)  # a write through another tensor object on the same memory
+        b = y + 1
+        y.add_(1)
+        c = y * 1
+        return a, b, c
+
+    _, trace = capture(fn)
+    mul, add_a, mul_, add_b, add_, last = trace
+    assert add_a.args[0] is mul.outputs[0], "an unchanged output is copied once"
+    torch.testing.assert_close(add_b.args[0], x * 20, rtol=0, atol=0)
+    torch.testing.assert_close(add_.outputs[0], x * 20 + 1, rtol=0, atol=0)
+    torch.testing.assert_close(last.args[0], x * 20 + 1, rtol=0, atol=0)
+    torch.testing.assert_close(mul.outputs[0], x * 2, rtol=0, atol=0)

@@ -1,0 +1,72 @@
+"""A baseline trace's tensors kept in an unnamed temporary file (under ``$TMPDIR``) instead of
+memory. The r50 training step's trace holds about 5 GiB of inputs and outputs; isolated replay needs
+one op's at a time, so the trace keeps a :class:`Stored` handle per tensor and replay loads each
+record just before it judges it. Strides are kept, so a replayed op sees the layout the baseline saw.
+"""
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+class TensorStore:
+    """Append-only tensor storage in a temporary file that the system deletes when it is closed."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="detr-parity-trace-")
+        self._size = 0
+        self._lock = threading.Lock()  # autograd may run backward ops on another thread
+
+    def put(self, t: torch.Tensor) -> "Stored":
+        """Writes ``t`` (any device; a CPU copy's storage is written) and returns its handle."""
+        copy = t.detach().to("cpu", copy=True)
+        raw = torch.empty(0, dtype=torch.uint8).set_(copy.untyped_storage())
+        with self._lock:
+            offset = self._size
+            self._file.seek(offset)
+            raw.numpy().tofile(self._file)
+            self._size += raw.numel()
+        return Stored(self, offset, raw.numel(), copy.dtype, tuple(copy.shape), tuple(copy.stride()),
+                      copy.storage_offset())
+
+    def read(self, offset: int, nbytes: int) -> bytearray:
+        buffer = bytearray(nbytes)
+        with self._lock:
+            self._file.seek(offset)
+            self._file.readinto(buffer)
+        return buffer
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def nbytes(self) -> int:
+        return self._size
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A handle to one tensor in a :class:`TensorStore`."""
+
+    store: TensorStore
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    storage_offset: int
+
+    def load(self) -> torch.Tensor:
+        """A fresh CPU tensor with the stored values, shape and strides."""
+        if self.nbytes == 0:
+            return torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
+        raw = torch.frombuffer(self.store.read(self.offset, self.nbytes), dtype=torch.uint8)
+        return torch.as_strided(raw.view(self.dtype), self.shape, self.stride, self.storage_offset)
+
+
+def load_tree(tree: Any) -> Any:
+    """``tree`` with every :class:`Stored` leaf loaded."""
+    return pytree.tree_map(lambda leaf: leaf.load() if isinstance(leaf, Stored) else leaf, tree)
