@@ -33,7 +33,7 @@ def test_injected_fault_fails_naming_the_op(tmp_path):
     assert result.returncode == 1, result.stdout[-3000:]
     assert "first failing op: #0 aten._softmax.default (forward)" in result.stdout
     assert "re-run: pytest 'suite/test_heads.py::test_postprocess[fp32]' --xpu cpu" in result.stdout
-    assert f"--model-config tiny --report-dir {tmp_path} --inject-fault aten._softmax:round=bf16" in result.stdout
+    assert f"--model-config=tiny --report-dir={tmp_path} --inject-fault aten._softmax:round=bf16" in result.stdout
     assert "FAIL postprocess [fp32]" in result.stdout
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["passed"] is False
