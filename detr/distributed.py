@@ -3,12 +3,17 @@
 Works with any device type torch knows (cuda, xpu, npu, mlu, musa, ...) through the per-backend
 module ``torch.<type>``, so a vendor's device needs only its plugin imported first.
 """
+import json
 import os
+import re
 import resource
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -144,3 +149,78 @@ def process_start_time() -> float:
         return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time()
+
+
+class Progress:
+    """Where this rank is, in ``<folder>/ranks/rank<R>.json`` (step, phase and time, replaced at each
+    phase), so that after a collective timeout the ranks that never arrived can be named."""
+
+    def __init__(self, folder: Path, rank: int, world_size: int = 1):
+        self.folder = Path(folder) / "ranks"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.path = self.folder / f"rank{rank}.json"
+        self.last: dict = {}
+        stale = [self.path, self.folder / f"rank{rank}.timeout.json"]
+        if rank == 0:  # marks of an earlier run with more ranks
+            stale += [p for p in self.folder.glob("rank*.json") if _rank_of(p) >= world_size]
+        for path in stale:
+            path.unlink(missing_ok=True)
+
+    def mark(self, step: int, phase: str) -> None:
+        self.last = {"rank": self.rank, "step": step, "phase": phase, "time": time.time()}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.last))
+        os.replace(tmp, self.path)
+
+    def positions(self) -> List[dict]:
+        """Every rank's last mark that can be read."""
+        found = []
+        for path in sorted(self.folder.glob("rank*.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def report_timeout(self, error: BaseException, order: Sequence[str]) -> dict:
+        """Writes ``rank<R>.timeout.json``: where this rank waited and the ranks behind it (in
+        ``order`` of phases), which are the ones it was waiting for."""
+        def position(mark: dict) -> tuple:
+            phase = mark.get("phase")
+            return (mark.get("step", -1), order.index(phase) if phase in order else -1)
+
+        behind = [m for m in self.positions() if m.get("rank") != self.rank and position(m) < position(self.last)]
+        report = {**self.last, "error": str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
+                  "not_arrived": behind}
+        (self.folder / f"rank{self.rank}.timeout.json").write_text(json.dumps(report))
+        return report
+
+
+def _rank_of(path: Path) -> int:
+    m = re.match(r"rank(\d+)\.", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """True for the errors gloo, NCCL and the c10d store raise when a collective waits too long."""
+    text = f"{type(error).__name__}: {error}"
+    return bool(re.search(r"timed? ?out|timeout", text, re.I)) and (
+        "DistBackendError" in text or "gloo" in text.lower() or "nccl" in text.lower() or "collective" in text.lower()
+        or "recv" in text or "send" in text or isinstance(error, getattr(dist, "DistError", ())))
+
+
+def die_with_parent() -> None:
+    """Under torchrun, asks Linux to kill this rank when its parent (the launcher) dies, so that a
+    ``kill -9`` of the launcher leaves no rank training as an orphan."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGKILL)

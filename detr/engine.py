@@ -51,6 +51,10 @@ def check_finite(loss: torch.Tensor, losses: Dict[str, torch.Tensor], step: int,
     return value
 
 
+# The phases of a training step, in order: a rank that hangs is found as the one behind the others.
+PHASES = ("forward and loss", "backward and gradient all-reduce", "clipping and optimizer step")
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -66,11 +70,14 @@ def train_one_epoch(
     log_every: int = 10,
     log: Callable[[str], None] = print,
     after_step: Optional[Callable[[], None]] = None,
+    progress: Optional[Callable[[int, str], None]] = None,
 ) -> EpochStats:
     """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps.
 
-    ``after_step`` runs after every optimizer step, e.g. a per-step learning-rate warm-up.
+    ``after_step`` runs after every optimizer step, e.g. a per-step learning-rate warm-up;
+    ``progress(step, phase)`` is told where the step is, before each phase (see :data:`PHASES`).
     """
+    mark = progress or (lambda step, phase: None)
     model.train()
     criterion.train()
     stats = EpochStats()
@@ -83,6 +90,7 @@ def train_one_epoch(
         samples, targets = to_device(samples, targets, device)
         synchronize()
         t0 = time.perf_counter()
+        mark(step, PHASES[0])
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             outputs = model(samples)
             try:
@@ -93,11 +101,13 @@ def train_one_epoch(
         # Checked before backward, so that a NaN never reaches the weights or a checkpoint.
         value = check_finite(loss, losses, step, epoch)
         optimizer.zero_grad(set_to_none=True)
+        mark(step, PHASES[1])
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+        mark(step, PHASES[2])
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if scaler is not None:

@@ -28,10 +28,12 @@ import detr
 
 from . import distributed as D
 from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
-from .engine import evaluate, train_one_epoch
+from .engine import PHASES, evaluate, train_one_epoch
 from .misc import collate_fn
 from .train_faults import FaultyCriterion, TrainFault
 
+# Where a rank can be, in order within a step: the training phases, then the evaluation after it.
+ORDER = PHASES + ("evaluation",)
 PRECISIONS = {"fp32": None, "tf32": None, "amp": "amp", "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The synthetic set and recipe that reach 0.25 AP within minutes on two CPU cores (see README).
@@ -186,17 +188,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # fp32 means full float32 matmuls even where the backend defaults to TF32; tf32 allows it.
     torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    D.die_with_parent()
     backend = D.init_distributed(info, device, args.dist_backend, args.dist_timeout)
+    progress = D.Progress(Path(args.output_dir), info.rank, info.world_size)
     try:
-        return train(args, info, device, backend, overrides, fault, synthetic, threads, process_start)
+        return train(args, info, device, backend, overrides, fault, synthetic, threads, process_start, progress)
     except DatasetError as exc:
         raise SystemExit(f"dataset: {exc}") from exc
+    except Exception as exc:
+        if not (info.enabled and D.is_collective_timeout(exc)):
+            raise
+        report = progress.report_timeout(exc, ORDER)
+        late = ", ".join(f"rank {m['rank']} (last in step {m['step']}, {m['phase']})" for m in report["not_arrived"])
+        raise RuntimeError(f"rank {info.rank} timed out after {args.dist_timeout:.0f}s in step {report.get('step')}, "
+                           f"{report.get('phase')}, waiting for {late or 'ranks that reported no progress'}") from exc
     finally:
         D.shutdown()
 
 
 def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], overrides: dict,
-          fault: Optional[TrainFault], synthetic: bool, threads: int, process_start: float) -> dict:
+          fault: Optional[TrainFault], synthetic: bool, threads: int, process_start: float,
+          progress: D.Progress) -> dict:
     log = (lambda s: print(s, flush=True)) if info.is_main else (lambda s: None)
     if synthetic:
         from .data.synthetic import ensure_synthetic
@@ -339,7 +351,8 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
             if info.enabled:
                 sampler_train.set_epoch(epoch)
             stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                    autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up)
+                                    autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up,
+                                    progress=lambda step, phase: progress.mark(steps_done + step, phase))
             lr_scheduler.step()
             steps_done += stats.steps
             counters["samples"] += D.all_reduce([stats.samples])[0]
@@ -355,6 +368,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
             if fault is not None and fault.kind == "eval-crash" and info.rank == fault.rank and steps_done > fault.step:
                 raise RuntimeError(f"injected crash in the evaluation after step {steps_done - 1} on rank {info.rank} (--fail-at)")
             t0 = time.perf_counter()
+            progress.mark(steps_done - 1, ORDER[-1])
             result = evaluate(model_without_ddp, postprocess, loader_val, coco_gt, device, autocast_dtype if autocast_dtype != torch.float16 else None)
             counters["eval_time"] += time.perf_counter() - t0
             if result["AP"] < 0:  # pycocotools' "no ground truth": never a result

@@ -70,8 +70,44 @@ def test_a_hung_rank_is_bounded_by_the_collective_timeout(tmp_path):
     with pytest.raises(JobError) as info:
         job(tmp_path, "1x2", "--max-steps", "50", "--fail-at", "1:1:hang", "--dist-timeout", "10")
     assert time.monotonic() - start < 120
-    assert "failed" in str(info.value)
+    assert "rank 1 hung (last in step 1, forward and loss): rank(s) 0 timed out waiting in step 1, backward" \
+        in str(info.value), str(info.value)
     assert no_job_left()
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    from training.launch import torchrun_command
+
+    job_id = uuid.uuid4().hex
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(
+        torchrun_command(Topology.parse("1x2"), 0, 29731, [*SMALL, "--output-dir", str(out), "--max-steps", "500"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, JOB_ENV: job_id},
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / "ranks" / f"rank{r}.json").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the ranks never started training"
+            time.sleep(0.5)
+        ranks = [pid for pid in job_processes(job_id) if pid != launcher.pid]
+        assert len(ranks) >= 2, ranks
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while job_processes(job_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not job_processes(job_id), "ranks outlived their launcher"
+    finally:
+        for pid in job_processes(job_id):
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
 
 
 def test_a_job_past_its_timeout_is_stopped(tmp_path):

@@ -6,6 +6,7 @@ launcher fails, the others are stopped at once; past the timeout all are stopped
 process of the job (launchers and their workers, which torchrun starts in sessions of their own)
 is gone before ``run_job`` returns (found by an environment variable they all inherit).
 """
+import json
 import os
 import re
 import signal
@@ -150,6 +151,30 @@ def first_failure(lines: Sequence[str]) -> str:
     return "\n".join(parts) or "\n".join(lines[-15:])
 
 
+def hung_ranks(train_args: Sequence[str]) -> str:
+    """From the ranks' timeout reports in the job's ``--output-dir``: which ranks hung (the ones the
+    others waited for), or "" when no rank reported a collective timeout."""
+    args = list(train_args)
+    if "--output-dir" not in args[:-1]:
+        return ""
+    reports = []
+    for path in sorted((Path(args[args.index("--output-dir") + 1]) / "ranks").glob("rank*.timeout.json")):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not reports:
+        return ""
+    waiting = sorted({r["rank"] for r in reports})
+    late = {m["rank"]: m for r in reports for m in r.get("not_arrived", []) if m["rank"] not in waiting}
+    first = reports[0]
+    where = f"rank(s) {', '.join(map(str, waiting))} timed out waiting in step {first.get('step')}, {first.get('phase')}"
+    if not late:
+        return f"{where}; no rank was behind them"
+    hung = "; ".join(f"rank {k} hung (last in step {m['step']}, {m['phase']})" for k, m in sorted(late.items()))
+    return f"{hung}: {where}"
+
+
 def run_job(
     topology: Topology,
     train_args: Sequence[str],
@@ -201,9 +226,11 @@ def run_job(
                 _join(launchers)
                 show()
                 bad = failed[0]
+                blame = hung_ranks(train_args)
                 raise JobError(
                     f"{topology.name} job failed on node {bad.node_rank} (exit code {bad.proc.returncode}) "
-                    f"after {time.monotonic() - start:.1f}s:\n{first_failure(bad.lines)}\n(full output: {bad.log_path})"
+                    f"after {time.monotonic() - start:.1f}s:\n{blame + chr(10) if blame else ''}"
+                    f"{first_failure(bad.lines)}\n(full output: {bad.log_path})"
                 )
             if all(code == 0 for code in codes):
                 _join(launchers)
