@@ -1,6 +1,7 @@
 """Op capture: forward and backward aten ops in order, with module paths and CPU copies."""
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 from parity.capture import KEEP, capture
 from tests.parity.blocks import Block
@@ -118,3 +119,30 @@ def test_copies_are_shared_only_while_the_tensor_is_unchanged():
     torch.testing.assert_close(add_.outputs[0], x * 20 + 1, rtol=0, atol=0)
     torch.testing.assert_close(last.args[0], x * 20 + 1, rtol=0, atol=0)
     torch.testing.assert_close(mul.outputs[0], x * 2, rtol=0, atol=0)
+
+
+def test_a_spilled_trace_holds_no_tensors_and_reads_back_the_same_values_and_strides():
+    from parity.capture import loaded
+    from parity.spill import Stored
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+
+    def fn():
+        lin.zero_grad(set_to_none=True)
+        x.grad = None
+        return lin(x).relu().sum().backward()
+
+    _, kept = capture(fn, keep="tensors")
+    _, spilled = capture(fn, keep="tensors", spill=True)
+    assert spilled.store is not None and spilled.store.nbytes > 0
+    assert [r.overload for r in kept] == [r.overload for r in spilled]
+    for memory, disk in zip(kept, spilled):
+        leaves = pytree.tree_leaves((disk.args, disk.kwargs, disk.outputs))
+        assert not any(isinstance(t, torch.Tensor) for t in leaves) and any(isinstance(t, Stored) for t in leaves)
+        back = loaded(disk)
+        for a, b in zip(pytree.tree_leaves((memory.args, memory.kwargs, memory.outputs)),
+                        pytree.tree_leaves((back.args, back.kwargs, back.outputs))):
+            if isinstance(a, torch.Tensor):
+                assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
