@@ -42,4 +42,3 @@ def test_training_runs_write_merged_reports(tmp_path):
         assert (reports / row["plot"]).read_bytes()[:4] == b"\x89PNG"
     text = (reports / "training_report.md").read_text()
     assert "| CPU 1x1 | fp32 |" in text and "| CPU 1x8 | fp32 |" in text and "0.25 not reached" in text
-
