@@ -57,6 +57,14 @@ def _umask() -> int:
     return mask
 
 
+def set_aside(path: PathLike) -> Path:
+    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
 class CorruptReport(ValueError):
     """A report file exists but cannot be read; it has been moved aside, and the message says where."""
 
@@ -73,8 +81,7 @@ def load_list_or_set_aside(path: PathLike, field: str) -> List[dict]:
             raise TypeError(f"{field} is not a list of objects")
         return items
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, aside)
+        aside = set_aside(path)
         raise CorruptReport(f"{path} could not be read ({type(exc).__name__}: {exc}); kept as {aside}, "
                             "starting a new report") from exc
 

@@ -39,9 +39,6 @@ class TensorStore:
             self._file.readinto(buffer)
         return buffer
 
-    def close(self) -> None:
-        self._file.close()
-
     @property
     def nbytes(self) -> int:
         return self._size

@@ -31,9 +31,6 @@ GENERAL_METRICS = (
 )
 
 
-ReportError = CorruptReport
-
-
 def row_key(row: Dict[str, Any]) -> Tuple:
     return tuple(row.get(k) for k in ROW_KEY)
 
@@ -45,7 +42,7 @@ def merge_rows(existing: Sequence[Dict[str, Any]], new: Dict[str, Any]) -> List[
 
 
 def load_rows(path: Path) -> List[Dict[str, Any]]:
-    """The rows of an earlier report; a corrupt file is renamed to ``*.corrupt-<time>`` and ReportError raised."""
+    """The rows of an earlier report; a corrupt file is renamed to ``*.corrupt-<time>`` and CorruptReport raised."""
     return load_list_or_set_aside(path, "rows")
 
 
@@ -161,7 +158,7 @@ def write_report(report_dir: Path, row: Dict[str, Any], environment: Dict[str, A
     warning = None
     try:
         existing = load_rows(report_dir / JSON_NAME)
-    except ReportError as exc:
+    except CorruptReport as exc:
         existing, warning = [], str(exc)
     rows = merge_rows(existing, row)
     atomic_write(report_dir / JSON_NAME, json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")

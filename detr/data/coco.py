@@ -173,32 +173,28 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def load_image(self, image_id: int) -> Image.Image:
-        info = self.coco.imgs[image_id]
-        path = self.img_folder / info["file_name"]
+    def _read(self, image_id: int, read: Callable[[Image.Image], Any]) -> Any:
+        """``read(image)`` of the opened image; DatasetError names an image that is missing or unreadable."""
+        path = self.img_folder / self.coco.imgs[image_id]["file_name"]
         if not path.is_file():
             raise DatasetError(f"image {path} (id {image_id}, listed in {self.ann_file.name}) does not exist")
         try:
             with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
+                return read(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"cannot read image {path} (id {image_id}, listed in {self.ann_file.name}): {e}") from e
+
+    def load_image(self, image_id: int) -> Image.Image:
+        return self._read(image_id, lambda img: img.convert("RGB"))
 
     def check_image(self, image_id: int, decode: bool = False) -> None:
         """Opens the image (its header; all of it with ``decode``): DatasetError names it if it cannot be read."""
         if decode:
             self.load_image(image_id)
             return
-        path = self.img_folder / self.coco.imgs[image_id]["file_name"]
-        if not path.is_file():
-            raise DatasetError(f"image {path} (id {image_id}, listed in {self.ann_file.name}) does not exist")
-        try:
-            with Image.open(path) as img:  # parses the header only
-                width, height = img.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DatasetError(f"cannot read image {path} (id {image_id}, listed in {self.ann_file.name}): {e}") from e
+        width, height = self._read(image_id, lambda img: img.size)  # opening parses the header only
         if width <= 0 or height <= 0:
+            path = self.img_folder / self.coco.imgs[image_id]["file_name"]
             raise DatasetError(f"image {path} (id {image_id}, listed in {self.ann_file.name}) is {width}x{height}")
 
     def __getitem__(self, idx: int):
