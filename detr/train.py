@@ -356,8 +356,11 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
             lr_scheduler.step()
             steps_done += stats.steps
             counters["samples"] += D.all_reduce([stats.samples])[0]
-            counters["train_time"] += stats.wall_time
-            counters["core_time"] += D.all_reduce([stats.core_time], "max")[0]
+            # Both of the slowest rank: each rank's core time is within its own wall time, so the maxima
+            # keep core_time <= train_time, which rank 0's wall time against another rank's core did not.
+            wall, core = D.all_reduce([stats.wall_time, stats.core_time], "max")
+            counters["train_time"] += wall
+            counters["core_time"] += core
             step_losses.extend(D.all_reduce(stats.step_losses, "sum"))
             row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
                    "train_time": counters["train_time"], "elapsed": elapsed(),

@@ -2,7 +2,7 @@
 
 All throughputs are global: samples trained on all ranks together, per second.
 - p_whole: samples / (training + evaluation time)
-- p_train: samples / training time (data loading included, evaluation excluded)
+- p_train: samples / training time (data loading included, evaluation excluded; of the slowest rank)
 - p_core:  samples / device-synchronised forward+loss+backward+step time (of the slowest rank)
 """
 import math
