@@ -1,12 +1,12 @@
-"""torch.distributed set-up for ``torchrun`` jobs, and the device calls the trainer needs.
+"""torch.distributed set-up for ``torchrun`` jobs: the process group, collectives on host numbers,
+and where each rank is when one of them times out.
 
-Works with any device type torch knows (cuda, xpu, npu, mlu, musa, ...) through the per-backend
-module ``torch.<type>``, so a vendor's device needs only its plugin imported first.
+The collective library of each device type, and the device its collectives run on, come from
+:mod:`detr.device`, so a vendor's device needs only its backend registered (or its plugin imported).
 """
 import json
 import os
 import re
-import resource
 import signal
 import sys
 import time
@@ -18,10 +18,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .device import backend_for, collective_device
 from .misc import is_dist_avail_and_initialized
-
-# The collective library each device type ships with; gloo for the CPU and anything unknown.
-BACKENDS = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "mlu": "cncl", "musa": "mccl", "cpu": "gloo"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,8 @@ def dist_info_from_env() -> DistInfo:
 
 
 def default_backend(device_type: str) -> str:
-    return BACKENDS.get(device_type, "gloo")
+    """The collective library the device type ships with; gloo for the CPU and anything unknown."""
+    return backend_for(device_type).dist_backend
 
 
 def init_distributed(info: DistInfo, device: torch.device, backend: Optional[str], timeout_s: float) -> Optional[str]:
@@ -64,7 +63,7 @@ def init_distributed(info: DistInfo, device: torch.device, backend: Optional[str
     if not info.enabled:
         return None
     backend = backend or default_backend(device.type)
-    kwargs = {"device_id": device} if device.type != "cpu" and backend != "gloo" else {}
+    kwargs = {"device_id": device} if backend_for(device.type).accelerator and backend != "gloo" else {}
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     except TypeError:  # torch < 2.3 has no device_id
@@ -82,44 +81,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def synchronize(device: torch.device) -> None:
-    """Waits for the device's queued work, so that timers measure the work and not its launch."""
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu" and module is not None and hasattr(module, "synchronize"):
-        module.synchronize()
-
-
-def peak_memory_gib(device: torch.device) -> Optional[float]:
-    """Peak memory allocated by torch on the device; on the CPU the process's peak resident size."""
-    if device.type == "cpu":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    module = getattr(torch, device.type, None)
-    if module is not None and hasattr(module, "max_memory_allocated"):
-        return module.max_memory_allocated(device) / 2**30
-    return None
-
-
-def total_memory_gib(device: torch.device) -> Optional[float]:
-    """The device's memory; on the CPU the machine's physical memory."""
-    if device.type == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        except (ValueError, OSError, AttributeError):
-            return None
-    module = getattr(torch, device.type, None)
-    try:
-        return module.get_device_properties(device).total_memory / 2**30
-    except Exception:
-        return None
-
-
 def all_reduce(values: List[float], op: str = "sum") -> List[float]:
     """Sums (or takes the max of) a few host numbers over all ranks."""
     if not is_dist_avail_and_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() != "gloo":
-        t = t.to(_collective_device())
+        t = t.to(collective_device(dist.get_backend()))
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.cpu().tolist()
 
@@ -130,13 +98,6 @@ def all_gather_object(obj: Any) -> List[Any]:
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _collective_device() -> torch.device:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.is_available():
-        return torch.device(accelerator.current_accelerator().type, accelerator.current_device_index())
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def process_start_time() -> float:

@@ -9,7 +9,6 @@ FlagPerf's metrics are computed.
 """
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -28,6 +27,8 @@ import detr
 
 from . import distributed as D
 from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
+from .device import BACKENDS, VARIANTS, Device, DeviceError, import_plugins
+from .device import resolve as resolve_device
 from .engine import PHASES, evaluate, train_one_epoch
 from .misc import collate_fn
 from .train_faults import FaultyCriterion, TrainFault
@@ -52,9 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m detr.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco-path", help="COCO 2017 folder; default: the generated synthetic set")
     p.add_argument("--model", default=None, choices=sorted(detr.CONFIGS), help="default: tiny on the synthetic set, r50 on COCO")
-    p.add_argument("--device", default="auto", help="torch device type or string, or auto (the accelerator if any, else cpu); under torchrun each rank takes index LOCAL_RANK")
+    p.add_argument("--device", default="auto", help=f"torch device type or string, auto (the accelerator if any, else cpu), or {', '.join(VARIANTS)}; under torchrun each rank takes index LOCAL_RANK")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="vendor extension to import first (e.g. torch_xmlir); repeatable")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="amp autocasts to float16 on accelerators, bfloat16 on the CPU; tf32 allows TF32 matmuls and convolutions")
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="amp autocasts to the device's autocast dtype (float16 on CUDA, bfloat16 on the CPU); tf32 allows TF32 matmuls and convolutions")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps in all")
     p.add_argument("--batch-size", type=int, default=None, help="images per device and step")
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads per rank; default: the cores shared among the node's ranks")
     p.add_argument("--cpu-onednn", choices=("on", "off"), default="on", help="oneDNN convolutions on the CPU (fast, but warm up per input shape)")
-    p.add_argument("--dist-backend", default=None, help="process group backend; default by device: " + ", ".join(f"{k} {v}" for k, v in D.BACKENDS.items()))
+    p.add_argument("--dist-backend", default=None, help="process group backend; default by device: " + ", ".join(f"{k} {b.dist_backend}" for k, b in BACKENDS.items() if k not in VARIANTS))
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for a rank before the job fails")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default="outputs", help="checkpoints, log.jsonl and result.json go here")
@@ -83,29 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override, e.g. hidden_dim=128; repeatable")
     p.add_argument("--fail-at", default=None, metavar="RANK:STEP:KIND", help="inject a fault (crash, nan or hang) to test the harness")
     return p
-
-
-def resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        accelerator = getattr(torch, "accelerator", None)
-        if accelerator is not None and accelerator.is_available():
-            spec = accelerator.current_accelerator().type
-        else:
-            spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise SystemExit(f"--device {spec!r}: {exc}") from exc
-    if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, local_rank)
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu":
-        if module is None or not module.is_available():
-            raise SystemExit(f"--device {spec!r}: no {device.type} device here (import its plugin with --plugin?)")
-        if device.index >= module.device_count():
-            raise SystemExit(f"--device {device}: only {module.device_count()} {device.type} device(s) here")
-        module.set_device(device)
-    return device
 
 
 def parse_overrides(items: List[str]) -> dict:
@@ -154,6 +132,13 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def total_memory_gib(xpu: Device) -> Optional[float]:
+    try:
+        return xpu.total_memory() / 2**30
+    except Exception:  # a vendor's backend without the call
+        return None
+
+
 def resolve(args: argparse.Namespace, recipe: Dict[str, Any]) -> None:
     for key, value in recipe.items():
         if key != "overrides" and getattr(args, key, None) is None:
@@ -170,29 +155,28 @@ def main(argv: Optional[List[str]] = None) -> dict:
             fault = TrainFault.parse(args.fail_at)
         except ValueError as exc:
             raise SystemExit(str(exc)) from exc
-    for module in args.plugin:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise SystemExit(f"--plugin {module}: import failed with {type(exc).__name__}: {exc}") from exc
+    info = D.dist_info_from_env()
+    try:
+        import_plugins(args.plugin, option="--plugin")
+        xpu = resolve_device(args.device, index=info.local_rank, option="--device", plugin_option="--plugin")
+    except DeviceError as exc:
+        raise SystemExit(str(exc)) from None
+    xpu.set_current()
     synthetic = args.coco_path is None
     recipe = RECIPES["synthetic" if synthetic else "coco"]
     resolve(args, recipe)
     overrides = {**recipe["overrides"], **parse_overrides(args.override)} if args.model == recipe["model"] else parse_overrides(args.override)
-    info = D.dist_info_from_env()
-    device = resolve_device(args.device, info.local_rank)
     threads = args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(threads)
-    if device.type == "cpu":
-        torch.backends.mkldnn.enabled = args.cpu_onednn == "on"
+    xpu.set_onednn(args.cpu_onednn == "on")
     # fp32 means full float32 matmuls even where the backend defaults to TF32; tf32 allows it.
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    xpu.set_tf32(args.precision == "tf32")
     D.die_with_parent()
-    backend = D.init_distributed(info, device, args.dist_backend, args.dist_timeout)
+    backend = D.init_distributed(info, xpu.device, args.dist_backend, args.dist_timeout)
     progress = D.Progress(Path(args.output_dir), info.rank, info.world_size)
     try:
-        return train(args, info, device, backend, overrides, fault, synthetic, threads, process_start, progress)
+        with xpu.kernels():
+            return train(args, info, xpu, backend, overrides, fault, synthetic, threads, process_start, progress)
     except DatasetError as exc:
         raise SystemExit(f"dataset: {exc}") from exc
     except Exception as exc:
@@ -206,10 +190,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         D.shutdown()
 
 
-def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], overrides: dict,
+def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides: dict,
           fault: Optional[TrainFault], synthetic: bool, threads: int, process_start: float,
           progress: D.Progress) -> dict:
     log = (lambda s: print(s, flush=True)) if info.is_main else (lambda s: None)
+    device = xpu.device
     if synthetic:
         from .data.synthetic import ensure_synthetic
 
@@ -239,13 +224,13 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
     criterion.to(device)
     model_without_ddp = model
     if info.enabled:
-        device_ids = [device.index] if device.type != "cpu" else None
+        device_ids = [device.index] if xpu.accelerator else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = torch.optim.AdamW(detr.param_groups(model_without_ddp, args.lr, args.lr_backbone), lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     autocast_dtype = PRECISIONS[args.precision]
     if autocast_dtype == "amp":
-        autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+        autocast_dtype = xpu.autocast_dtype()
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     seed_everything(args.seed + info.rank)
 
@@ -304,7 +289,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
         criterion = FaultyCriterion(criterion, fault, info.rank, first_step=steps_done)
 
     n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    log(f"training {args.model} ({n_params:,} trainable parameters) on {device} x {info.world_size} ({backend or 'single process'}), "
+    log(f"training {args.model} ({n_params:,} trainable parameters) on {xpu.label} x {info.world_size} ({backend or 'single process'}), "
         f"{threads} thread(s) per rank, {len(dataset_train)} images from {coco_path}, batch {args.batch_size} per device, {args.precision}")
     result: Dict[str, Any] = {"AP": None}
 
@@ -312,7 +297,6 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
         """Seconds since the first run started, adding the runs before each resume up to their checkpoint."""
         return earlier + time.time() - process_start
 
-    sync = lambda: D.synchronize(device)  # noqa: E731
     step_count = steps_done
 
     def warm_up_lr(done: int) -> None:
@@ -351,7 +335,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
             if info.enabled:
                 sampler_train.set_epoch(epoch)
             stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                    autocast_dtype, scaler, synchronize=sync, max_steps=remaining, log=log, after_step=warm_up,
+                                    autocast_dtype, scaler, synchronize=xpu.synchronize, max_steps=remaining, log=log, after_step=warm_up,
                                     progress=lambda step, phase: progress.mark(steps_done + step, phase))
             lr_scheduler.step()
             steps_done += stats.steps
@@ -396,7 +380,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
             break
 
     digests = D.all_gather_object(param_digest(model_without_ddp))
-    mem_actual = D.all_reduce([D.peak_memory_gib(device) or 0.0], "max")[0]
+    mem_actual = D.all_reduce([xpu.max_memory_allocated() / 2**30], "max")[0]
     world = info.world_size
     summary = {
         "model": args.model, "dataset": "synthetic" if synthetic else str(coco_path), "device": str(device.type),
@@ -408,7 +392,7 @@ def train(args, info: D.DistInfo, device: torch.device, backend: Optional[str], 
                    "seed": args.seed, "model_overrides": overrides},
         "e2e_time": elapsed(), "resumed": resumes, "steps": steps_done, **counters,
         "mAP": result["AP"], "best_mAP": best, "target_mAP": args.target_map, "target_reached": target_hit,
-        "mem_actual_gib": mem_actual or None, "mem_total_gib": D.total_memory_gib(device),
+        "mem_actual_gib": mem_actual or None, "mem_total_gib": total_memory_gib(xpu),
         "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "mAP")} for r in history if "mAP" in r],
         "step_losses": [v / world for v in step_losses], "param_digests": digests,
     }
