@@ -1,6 +1,7 @@
 """What the report says about the machine: hardware, accelerator, OS, driver, framework and versions.
 
 Only what can be read without a vendor tool; anything unknown is reported as unknown, never guessed.
+What differs between device types (name, memory, driver, runtime) comes from :mod:`detr.device`.
 """
 import os
 import platform
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
+
+from detr.device import Device, cpu_model
 
 UNKNOWN = "unknown"
 DEPENDENCIES = ("torchvision", "numpy", "scipy", "pycocotools", "pillow", "matplotlib", "pytest", "pytest-benchmark", "hypothesis")
@@ -22,17 +25,10 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def cpu_model() -> str:
-    text = _read("/proc/cpuinfo") or ""
-    for line in text.splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or UNKNOWN
-
-
 def memory_gib() -> Optional[float]:
+    """The host's physical memory."""
     try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        return round(Device(torch.device("cpu")).total_memory() / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         return None
 
@@ -45,34 +41,24 @@ def os_name() -> str:
     return platform.platform()
 
 
-def driver(device_type: str) -> str:
-    if device_type == "cuda":
-        text = _read("/proc/driver/nvidia/version")
-        if text:
-            return text.splitlines()[0].strip()
-        if torch.version.cuda:
-            return f"CUDA runtime {torch.version.cuda} (driver version not readable)"
-    if device_type == "cpu":
-        return "n/a (CPU)"
-    return UNKNOWN
+def driver(xpu: Device) -> str:
+    return xpu.driver_version() or (UNKNOWN if xpu.accelerator else "n/a (CPU)")
 
 
-def accelerator(device: torch.device) -> Dict[str, object]:
-    if device.type == "cpu":
-        return {"name": f"CPU: {cpu_model()}", "count": os.cpu_count(), "memory_gib": memory_gib()}
-    module = getattr(torch, device.type, None)
+def accelerator(xpu: Device) -> Dict[str, object]:
     info: Dict[str, object] = {"name": UNKNOWN, "count": None, "memory_gib": None}
-    try:
-        props = module.get_device_properties(device)
-        info["name"] = getattr(props, "name", UNKNOWN)
-        info["memory_gib"] = round(props.total_memory / 2**30, 1)
-    except Exception:
-        pass
-    try:
-        info["count"] = module.device_count()
-    except Exception:
-        pass
+    for key, read in (("name", xpu.name), ("count", xpu.count), ("memory_gib", lambda: round(xpu.total_memory() / 2**30, 1))):
+        try:
+            info[key] = read()
+        except Exception:  # a vendor's backend without the call
+            pass
     return info
+
+
+def framework(xpu: Device) -> str:
+    """PyTorch's version and, in brackets, the device runtime's libraries it was built against."""
+    runtime = ", ".join(f"{name} {version}" for name, version in xpu.runtime_version().items())
+    return f"PyTorch {torch.__version__}" + (f" ({runtime})" if runtime else "")
 
 
 def versions(names: Iterable[str]) -> Dict[str, str]:
@@ -87,6 +73,7 @@ def versions(names: Iterable[str]) -> Dict[str, str]:
 
 def describe(device: torch.device, plugins: Iterable[str] = (), interconnect: Optional[str] = None) -> Dict[str, object]:
     """The environment block of the report, for the device under test."""
+    xpu = Device(device)
     plugin_versions = {}
     for name in plugins:
         module = __import__(name)
@@ -94,13 +81,13 @@ def describe(device: torch.device, plugins: Iterable[str] = (), interconnect: Op
     return {
         "host": socket.gethostname(),
         "hardware": f"{cpu_model()}, {os.cpu_count()} logical cores, {memory_gib()} GiB memory",
-        "accelerator": accelerator(device),
-        "interconnect": interconnect or ("shared memory (one host)" if device.type == "cpu" else UNKNOWN),
+        "accelerator": accelerator(xpu),
+        "interconnect": interconnect or (UNKNOWN if xpu.accelerator else "shared memory (one host)"),
         "os": os_name(),
         "kernel": platform.release(),
-        "driver": driver(device.type),
+        "driver": driver(xpu),
         "python": platform.python_version(),
-        "framework": f"PyTorch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""),
+        "framework": framework(xpu),
         "plugins": plugin_versions,
         "dependencies": versions(DEPENDENCIES),
     }
