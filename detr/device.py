@@ -122,6 +122,9 @@ class Backend:
         """Allows or forbids TF32 in float32 matmuls (and convolutions where the backend has the switch)."""
         torch.set_float32_matmul_precision("high" if enabled else "highest")
 
+    def set_onednn(self, enabled: bool) -> None:
+        """Lets the backend take oneDNN's kernels or not, where that is a switch (the CPU's)."""
+
     def name(self, device: torch.device) -> str:
         get_name = getattr(self.module(), "get_device_name", None)
         return str(get_name(device)) if get_name is not None else str(device)
@@ -217,14 +220,14 @@ class CpuBackend(Backend):
         pass
 
     def memory_allocated(self, device: torch.device) -> int:
-        """The process's resident set size now."""
+        """The process's resident set size now (its peak where /proc/self/statm is missing)."""
         statm = _read("/proc/self/statm")
-        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm else self.max_memory_allocated(device)
+        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm else _peak_rss()
 
     def max_memory_allocated(self, device: torch.device) -> int:
         """The process's peak resident set size since the last reset (see the module's docstring)."""
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+        # The kernel's counters lag the resident size by a few pages: never report a peak below it.
+        return max(_peak_rss(), self.memory_allocated(device))
 
     def reset_peak_memory_stats(self, device: torch.device) -> None:
         try:
@@ -242,6 +245,9 @@ class CpuBackend(Backend):
 
     def autocast_dtype(self) -> torch.dtype:
         return torch.bfloat16
+
+    def set_onednn(self, enabled: bool) -> None:
+        torch.backends.mkldnn.enabled = enabled
 
     def name(self, device: torch.device) -> str:
         return f"CPU: {cpu_model()}"
@@ -493,6 +499,9 @@ class Device:
         """Allows or forbids TF32 in matmuls and convolutions where the backend has the switch."""
         self.backend.set_tf32(enabled)
 
+    def set_onednn(self, enabled: bool) -> None:
+        self.backend.set_onednn(enabled)
+
     def driver_version(self) -> Optional[str]:
         return self.backend.driver_version()
 
@@ -509,6 +518,11 @@ def cpu_model() -> str:
         if line.lower().startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def _read(path: str) -> Optional[str]:
