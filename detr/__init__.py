@@ -6,16 +6,16 @@ Knows nothing of pytest.
 """
 from typing import Tuple
 
-from torch import nn
-
 from .backbone import build_backbone
 from .config import CONFIGS, ModelConfig, get_config
 from .criterion import SetCriterion
 from .matcher import build_matcher
 from .model import DETR, PostProcess
+from .recipe import REFERENCE, Recipe, param_groups
 from .transformer import build_transformer
 
-__all__ = ["build", "build_from_config", "get_config", "CONFIGS", "ModelConfig", "DETR", "SetCriterion", "PostProcess"]
+__all__ = ["build", "build_from_config", "get_config", "CONFIGS", "ModelConfig", "DETR", "SetCriterion", "PostProcess",
+           "Recipe", "REFERENCE", "param_groups"]
 
 
 def build(name: str = "r50", **overrides) -> Tuple[DETR, SetCriterion, PostProcess]:
@@ -31,11 +31,3 @@ def build_from_config(cfg: ModelConfig) -> Tuple[DETR, SetCriterion, PostProcess
     criterion = SetCriterion(cfg.num_classes, build_matcher(cfg), weight_dict, cfg.eos_coef, ["labels", "boxes", "cardinality"])
     return model, criterion, PostProcess()
 
-
-def param_groups(model: nn.Module, lr: float, lr_backbone: float):
-    """The reference's AdamW groups: the backbone at ``lr_backbone``, everything else at ``lr``."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in trainable if "backbone" not in n], "lr": lr},
-        {"params": [p for n, p in trainable if "backbone" in n], "lr": lr_backbone},
-    ]

@@ -3,16 +3,19 @@
 ``core_time`` covers forward, loss, backward, clipping and the optimizer step only, with the
 device synchronised around it (FlagPerf's p_core); data loading and host copies are outside it.
 """
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .coco_eval import CocoEvaluator
 from .misc import NonFiniteError
+from .recipe import REFERENCE
 
 
 def no_sync() -> None:
@@ -55,6 +58,62 @@ def check_finite(loss: torch.Tensor, losses: Dict[str, torch.Tensor], step: int,
 PHASES = ("forward and loss", "backward and gradient all-reduce", "clipping and optimizer step")
 
 
+def cast_floating(outputs: Any, dtype: torch.dtype) -> Any:
+    """``outputs`` (nested dicts and lists of tensors) with every floating tensor cast to ``dtype``."""
+    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, outputs)
+
+
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    samples: Any,
+    targets: List[Dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    max_norm: float = REFERENCE.clip_max_norm,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+    loss_dtype: Optional[torch.dtype] = None,
+    check: Optional[Callable[[torch.Tensor, Dict[str, torch.Tensor]], None]] = None,
+    mark: Optional[Callable[[str], None]] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One step of the reference recipe: forward and set criterion under ``autocast()``, backward
+    (scaled by ``scaler`` when given), gradients clipped to a total norm of ``max_norm`` (0: not
+    clipped), then the optimizer step.
+
+    ``samples`` is what the model takes (a NestedTensor [B, 3, H, W] or a list of images [3, H, W]);
+    ``loss_dtype`` casts the model's outputs before the criterion (a model run in half precision
+    still has its loss in float32); ``check(loss, losses)`` runs before backward, so that a NaN
+    can be stopped before it reaches the weights or a checkpoint; ``mark(phase)`` is called before
+    each of :data:`PHASES`. Returns the weighted loss (a scalar) and the criterion's terms.
+    """
+    mark = mark or (lambda phase: None)
+    mark(PHASES[0])
+    with autocast():
+        outputs = model(samples)
+        if loss_dtype is not None:
+            outputs = cast_floating(outputs, loss_dtype)
+        losses = criterion(outputs, targets)
+        loss = weighted_loss(losses, criterion.weight_dict)
+    if check is not None:
+        check(loss, losses)
+    optimizer.zero_grad(set_to_none=True)
+    mark(PHASES[1])
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    mark(PHASES[2])
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss, losses
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -62,7 +121,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     epoch: int,
-    max_norm: float = 0.1,
+    max_norm: float = REFERENCE.clip_max_norm,
     autocast_dtype: Optional[torch.dtype] = None,
     scaler: Optional["torch.amp.GradScaler"] = None,
     synchronize: Callable[[], None] = no_sync,
@@ -90,33 +149,17 @@ def train_one_epoch(
         samples, targets = to_device(samples, targets, device)
         synchronize()
         t0 = time.perf_counter()
-        mark(step, PHASES[0])
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(samples)
-            try:
-                losses = criterion(outputs, targets)
-            except NonFiniteError as exc:
-                raise NonFiniteLossError(f"epoch {epoch} step {step}: {exc}") from exc
-            loss = weighted_loss(losses, criterion.weight_dict)
-        # Checked before backward, so that a NaN never reaches the weights or a checkpoint.
-        value = check_finite(loss, losses, step, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        mark(step, PHASES[1])
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        mark(step, PHASES[2])
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        try:
+            loss, losses = train_step(
+                model, criterion, samples, targets, optimizer, max_norm,
+                autocast=lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+                scaler=scaler, check=lambda loss, losses: check_finite(loss, losses, step, epoch),
+                mark=lambda phase: mark(step, phase))
+        except NonFiniteError as exc:  # raised by the matcher for non-finite predictions
+            raise NonFiniteLossError(f"epoch {epoch} step {step}: {exc}") from exc
         synchronize()
         stats.core_time += time.perf_counter() - t0
+        value = loss.item()
         if after_step is not None:
             after_step()
         stats.samples += len(targets)

@@ -41,7 +41,7 @@ PRECISIONS = {"fp32": None, "tf32": None, "amp": "amp", "fp16": torch.float16, "
 SYNTHETIC_DATA = dict(num_train=2048, num_val=128, min_size=128, max_size=128, min_objects=1, max_objects=3,
                       object_size=(0.3, 0.7), class_colours=True, crowd_every=0)
 RECIPES: Dict[str, Dict[str, Any]] = {
-    "coco": dict(model="r50", batch_size=8, lr=1e-4, lr_backbone=1e-5, epochs=300, lr_drop=200, eval_every=1, warmup_steps=0,
+    "coco": dict(model="r50", batch_size=8, lr=detr.REFERENCE.lr, lr_backbone=detr.REFERENCE.lr_backbone, epochs=300, lr_drop=200, eval_every=1, warmup_steps=0,
                  scales=list(range(480, 801, 32)), max_size=1333, val_size=800, crop="on", num_workers=4, overrides={}),
     "synthetic": dict(model="tiny", batch_size=8, lr=3e-4, lr_backbone=3e-4, epochs=8, lr_drop=6, eval_every=1, warmup_steps=100,
                       scales=[128], max_size=128, val_size=128, crop="off", num_workers=0,
@@ -61,10 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per device and step")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lr-backbone", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=detr.REFERENCE.weight_decay)
     p.add_argument("--lr-drop", type=int, default=None, help="epoch after which the learning rate drops 10x")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up over the first N steps (0: none)")
-    p.add_argument("--clip-max-norm", type=float, default=0.1)
+    p.add_argument("--clip-max-norm", type=float, default=detr.REFERENCE.clip_max_norm)
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (0: only at the end)")
     p.add_argument("--target-map", type=float, default=None, help="stop once COCO AP@[.5:.95] reaches this")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
@@ -226,7 +226,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     if info.enabled:
         device_ids = [device.index] if xpu.accelerator else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = torch.optim.AdamW(detr.param_groups(model_without_ddp, args.lr, args.lr_backbone), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = detr.Recipe(args.lr, args.lr_backbone, args.weight_decay, args.clip_max_norm).optimizer(model_without_ddp)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     autocast_dtype = PRECISIONS[args.precision]
     if autocast_dtype == "amp":
