@@ -1,9 +1,11 @@
 """Matcher parity: the cost matrix op by op, and the device's assignment judged by its cost under
-the golden (float64 CPU) cost matrix, so that ties cannot fail a correct device."""
+the golden (float64 CPU) cost matrix, so that ties cannot fail a correct device. The cost matrix
+part is declared in fixtures/parts.py."""
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import nn
+
+from fixtures import parts
 
 pytestmark = pytest.mark.parity
 
@@ -13,28 +15,12 @@ COST_RTOL = 1e-5
 COST_ATOL = 1e-6
 
 
-class CostMatrix(nn.Module):
-    def __init__(self, matcher: nn.Module, predictions: dict):
-        super().__init__()
-        self.matcher = matcher
-        self.pred_logits = nn.Parameter(predictions["pred_logits"].clone())
-        self.pred_boxes = nn.Parameter(predictions["pred_boxes"].clone())
-
-    def forward(self, targets):
-        return self.matcher.cost_matrix({"pred_logits": self.pred_logits, "pred_boxes": self.pred_boxes}, targets)
-
-
 @pytest.fixture(scope="module")
 def predictions(eval_model, batch):
-    with torch.no_grad():
-        out = eval_model(batch[0])
-    return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
+    return parts.predictions(eval_model, batch[0])
 
 
-def test_cost_matrix(check_part, detr_parts, predictions, batch, precision):
-    module = CostMatrix(detr_parts[1].matcher, predictions)
-    result = check_part("matcher cost", module, list(batch[1]), lambda m, targets: m(targets), precision)
-    assert any(row["op"] == "aten._cdist_forward" for row in result.rows())
+test_cost_matrix = parts.part_test("matcher cost")
 
 
 def assignment_cost(cost: torch.Tensor, rows, cols) -> float:
