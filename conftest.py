@@ -3,7 +3,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["markers.plugin", "fixtures.device", "fixtures.models", "fixtures.data", "fixtures.parity", "fixtures.benchmark", "fixtures.training"]
+pytest_plugins = ["markers.conformance"]
 
 settings.register_profile("ci", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None)

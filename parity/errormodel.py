@@ -112,7 +112,7 @@ class OpContext:
     outputs: Sequence[Optional[torch.Tensor]]
     position: int
     dtype: torch.dtype
-    backend: str = "default"
+    budgets: Dict[str, float] = field(default_factory=lambda: dict(ULP_BUDGETS["default"]))
     input_dtypes: Tuple[torch.dtype, ...] = ()
 
     @property
@@ -379,15 +379,37 @@ REDUCTIONS: Dict[str, Callable[[OpContext], torch.Tensor]] = {
 def _budget(function: str, c: OpContext) -> float:
     if c.dtype in (torch.float16, torch.bfloat16):
         return 0.0
-    return float(ULP_BUDGETS[c.backend].get(function, 0.0))
+    return float(c.budgets.get(function, 0.0))
 
 
 class ErrorModel:
     """Allowances for one device backend (``cuda`` gets the CUDA Math API's budgets; anything else
-    the larger of CUDA's and OpenCL's). Stateless apart from that; safe to share."""
+    the larger of CUDA's and OpenCL's). Vendors adjust it per op through :meth:`set_ulp_budget`
+    and :meth:`scale` (the ``pytest_detr_adjust_error_model`` hook); every adjustment is listed in
+    ``adjustments`` and reported. Stateless apart from that; safe to share."""
 
     def __init__(self, backend: str = "default"):
         self.backend = backend if backend in ULP_BUDGETS else "default"
+        self.budgets: Dict[str, float] = {k: float(v) for k, v in ULP_BUDGETS[self.backend].items()}
+        self.factors: Dict[str, float] = {}
+        self.adjustments: List[str] = []
+
+    def set_ulp_budget(self, function: str, ulps: float, reason: str) -> None:
+        """Sets the documented worst-case error of the elementwise ``function`` (``exp``, ``rsqrt``;
+        ops composed of it follow) in float32 ulps: a vendor's own accuracy table."""
+        if not (isinstance(ulps, (int, float)) and ulps >= 0 and math.isfinite(ulps)) or not reason:
+            raise ValueError(f"set_ulp_budget({function!r}, {ulps!r}): expected a finite number of ulps >= 0 and a reason")
+        self.adjustments.append(f"ulp budget of {function}: {self.budgets.get(function, 0.0):g} -> {ulps:g} ({reason})")
+        self.budgets[function] = float(ulps)
+
+    def scale(self, op: str, factor: float, reason: str) -> None:
+        """Multiplies every allowance of ``op`` (``aten.bmm``; its overloads too) by ``factor``:
+        above 1 widens it, below 1 tightens it."""
+        if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)) or not reason:
+            raise ValueError(f"scale({op!r}, {factor!r}): expected a finite factor > 0 and a reason")
+        name = op.split(".")[1] if op.startswith("aten.") else op
+        self.factors[name] = self.factors.get(name, 1.0) * factor
+        self.adjustments.append(f"allowance of aten.{name} x{factor:g} ({reason})")
 
     def ulp_budget(self, op: str, dtype: torch.dtype = torch.float32) -> float:
         """The documented error in ulps of elementwise ``op`` (packet name, ``aten.`` optional)."""
@@ -395,8 +417,7 @@ class ErrorModel:
         function, extra = COMPOSED.get(name, (name.replace("_foreach_", ""), 0))
         if dtype in (torch.float16, torch.bfloat16):
             return 0.0
-        table = ULP_BUDGETS[self.backend]
-        return float(table[function]) + extra if function in table else 0.0
+        return self.budgets[function] + extra if function in self.budgets else 0.0
 
     def correct_device_profile(self) -> List[str]:
         """Fault specs that make a run behave like a correct device by this model: every
@@ -404,7 +425,7 @@ class ErrorModel:
         ulp as well made an r50 ensemble of three AdamW steps cost 5 minutes, and the weights'
         and inputs' 1-ulp perturbation already gives that variability.)"""
         return [f"aten.{name}:ulp={int(self.ulp_budget(name))}"
-                for name in sorted(set(ULP_BUDGETS[self.backend]) | set(COMPOSED)) if int(self.ulp_budget(name)) > 0]
+                for name in sorted(set(self.budgets) | set(COMPOSED)) if int(self.ulp_budget(name)) > 0]
 
     def allowance(self, op: str, args: Dict[str, Any], golden: Sequence[Optional[torch.Tensor]], position: int,
                   baseline: torch.Tensor, dtype: Optional[torch.dtype] = None,
@@ -416,8 +437,11 @@ class ErrorModel:
         dtype = dtype or baseline.dtype
         context = OpContext(op.split(".")[-1], args, [t.detach().to(torch.float64) if isinstance(t, torch.Tensor)
                                                       and t.is_floating_point() else t for t in golden],
-                            position, dtype, self.backend, tuple(input_dtypes))
+                            position, dtype, self.budgets, tuple(input_dtypes))
         parts = self._components(context, g, baseline)
+        factor = self.factors.get(context.name, 1.0)
+        if factor != 1.0:
+            parts = {k: v * factor for k, v in parts.items()}
         # NaN where an input is not finite: those positions are judged by their NaN/Inf layout
         return Allowance.of({k: v if all_finite(v) else np.nan_to_num(v, nan=0.0, posinf=np.inf)
                              for k, v in parts.items()}, g.numel())

@@ -10,7 +10,8 @@ worst_end_to_end_margin, ensemble_size, first_failure`` (a dict with ``op, modul
 max_abs, max_rel, cosine, rmse, margin, verdict``, or null), ``ops`` (one row per replayed op, with
 its ``margin``: the error in units of its allowance, the ``baseline_margin`` and the ``allowance``
 component that set it; null for ops bit-identical to the baseline, which pass by construction),
-``whole_run``, ``end_to_end``, ``faults``, ``notes``.
+``whole_run``, ``end_to_end``, ``faults``, ``notes``, and ``expected_failure`` (the reason and entry of an
+expectations file that names the test, or null).
 Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so the JSON is strict.
 """
 import contextlib
@@ -154,7 +155,7 @@ def to_markdown(tests: Iterable[Any], title: str = "Parity report") -> str:
         fail = e.get("first_failure")
         lines.append("| " + " | ".join(_cell(v) for v in (
             e.get("nodeid"), e.get("part"), e.get("device"), e.get("precision"),
-            "pass" if e.get("passed") else "**FAIL**", f"{e.get('ops_checked')} ({e.get('ops_identical') or 0})",
+            _result(e), f"{e.get('ops_checked')} ({e.get('ops_identical') or 0})",
             f"{_num(worst.get('margin'))} ({worst.get('overload')})" if worst else None,
             _num(e.get("worst_end_to_end_margin")),
             f"{fail.get('overload') or fail.get('module')}: {fail.get('verdict')}" if fail else None)) + " |")
@@ -183,6 +184,13 @@ def to_markdown(tests: Iterable[Any], title: str = "Parity report") -> str:
                     _num(r.get("max_abs")), _num(r.get("max_rel")), _cos(r.get("cosine")), _num(r.get("margin")),
                     _num(r.get("baseline_margin")), r.get("allowance"), r.get("verdict"))) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _result(entry: dict) -> str:
+    """pass, an expected failure (an expectations entry names the test) with its reason, or FAIL."""
+    if entry.get("passed"):
+        return "pass"
+    return f"expected failure: {entry['expected_failure']}" if entry.get("expected_failure") else "**FAIL**"
 
 
 def _margin(row: dict) -> float:
@@ -241,7 +249,8 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
         same = sum(e.get("ops_identical") or 0 for e in entries)
         worst = max((w for w in map(_worst_row, entries) if w), key=_margin, default=None)
         fail = next((e["first_failure"] for e in entries if e.get("first_failure")), None)
-        status = "PASS" if all(e.get("passed") for e in entries) else "FAIL"
+        failed = [e for e in entries if not e.get("passed")]
+        status = "FAIL" if any(not e.get("expected_failure") for e in failed) else "XFAIL" if failed else "PASS"
         line = f"{status} {part} [{precision}]: {checked} ops checked"
         if checked:
             line += f" ({same} bit-identical to the baseline)"

@@ -18,7 +18,8 @@ import torch
 
 from fixtures import benchmark as bench_plugin
 from fixtures.steps import TrainStep, Workload
-from parity.device import Device
+from markers.state import STATE, SuiteState
+from parity.device import Device, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Workload("tiny", batch_size=1, image_size=64)
@@ -94,7 +95,7 @@ def test_default_storage_is_rooted_in_the_repository(tmp_path):
     option = SimpleNamespace(benchmark_storage=bench_plugin.DEFAULT_STORAGE, bench_batch_size=None,
                              bench_image_size=None, bench_warmup=None)
     config = SimpleNamespace(
-        detr_device=torch.device("cpu"), rootpath=ROOT, option=option,
+        stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")}, rootpath=ROOT, option=option,
         pluginmanager=SimpleNamespace(hasplugin=lambda name: name == "benchmark"),
         getoption=lambda name: getattr(option, name.lstrip("-").replace("-", "_")),
     )

@@ -7,7 +7,8 @@ import torch
 
 from fixtures import benchmark as plugin
 from fixtures.steps import InferenceStep, TrainStep, Workload
-from parity.device import Device
+from markers.state import STATE, SuiteState
+from parity.device import Device, resolve
 
 
 def test_workload_names_and_shapes():
@@ -29,7 +30,7 @@ def test_bad_numbers_are_usage_errors(value, least, example, message):
 
 
 def test_machine_info_names_the_device_under_test():
-    config = SimpleNamespace(detr_device=torch.device("cpu"), getoption=lambda name: [])
+    config = SimpleNamespace(stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")}, getoption=lambda name: [])
     info = {}
     plugin.pytest_benchmark_update_machine_info(config, info)
     device = info["device_under_test"]

@@ -49,3 +49,25 @@ def test_node_ids_do_not_depend_on_the_start_folder(tmp_path):
     ids = [line for line in from_root.stdout.splitlines() if "::" in line]
     assert ids and ids == [line for line in from_suite.stdout.splitlines() if "::" in line]
     assert ids[0].startswith("suite/test_heads.py::")
+
+
+def test_path_options_take_their_value_after_a_space(tmp_path):
+    """pytest settles its rootdir before it knows the suite's options; an existing folder or file
+    given as an option's value after a space must not become the rootdir or a test path."""
+    curve = tmp_path / "curve.json"
+    curve.write_text('{"curves": [[{"samples": 8, "mAP": 0.1}]]}')
+    result = pytest_run("-m", "xpu", "--model-config", "tiny", "--report-dir", str(tmp_path),
+                        "--reference-curve", str(curve), "--expectations", str(tmp_path / "none.txt"))
+    assert result.returncode == 4 and "--expectations" in result.stdout + result.stderr, result.stdout + result.stderr
+    result = pytest_run("-m", "xpu", "--model-config", "tiny", "--report-dir", str(tmp_path), "--reference-curve", str(curve))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "suite/test_backbone.py::test_backbone[fp32]" in result.stdout
+    assert "14/" in result.stdout.splitlines()[-1]
+
+
+def test_the_suite_is_a_pytest_plugin_when_installed():
+    from importlib import metadata
+
+    eps = metadata.entry_points()
+    group = eps.select(group="pytest11") if hasattr(eps, "select") else eps.get("pytest11", [])
+    assert any(ep.value == "markers.conformance" for ep in group), "pip install -e . registers the pytest11 entry point"

@@ -1,0 +1,42 @@
+"""Hooks for vendors: implement them in a ``conftest.py`` or in an installed plugin (a ``pytest11``
+entry point) to extend the suite without editing it. Example, a conftest.py next to pytest.ini::
+
+    from detr.device import CpuBackend
+
+    def pytest_detr_register_devices(register):
+        register("cpu-fp64acc", CpuBackend())  # --xpu cpu-fp64acc: a variant of the CPU
+
+    def pytest_detr_adjust_error_model(model, part, precision, device):
+        if device.type == "npu" and precision == "fp32":
+            model.set_ulp_budget("exp", 4, "NPU math library table, release 8.0")
+        if part == "transformer":
+            model.scale("aten.bmm", 2.0, "split-K with 2 partial sums, VENDOR-42")
+
+Each adjustment of the error model is listed in the parity report next to the part it applies to.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("pytest")
+
+
+@hookspec
+def pytest_detr_register_devices(register) -> None:
+    """Registers or replaces device backends, before ``--xpu`` is resolved.
+
+    ``register(name, backend)`` is :func:`detr.device.register_backend`: ``backend`` is a
+    :class:`detr.device.Backend` (synchronise, memory, seed, autocast dtype, TF32 switches,
+    process-group backend, versions). A ``name`` equal to the backend's device type replaces the
+    suite's entry for that type; another name adds a variant that ``--xpu name`` selects.
+    """
+
+
+@hookspec
+def pytest_detr_adjust_error_model(model, part: str, precision: str, device) -> None:
+    """Adjusts the error model of one part in one precision, before its ops are judged.
+
+    ``model`` is a fresh :class:`parity.errormodel.ErrorModel` for the device's table: call
+    ``model.set_ulp_budget(function, ulps, reason)`` with a documented accuracy table, or
+    ``model.scale(op, factor, reason)`` to widen or tighten every allowance of one op. ``part`` is
+    the part's name (``"transformer"``), ``precision`` one of fp32, tf32, amp, fp16, bf16, and
+    ``device`` the :class:`detr.device.Device` under test.
+    """

@@ -1,0 +1,42 @@
+"""The suite's state for one pytest session, kept in ``config.stash`` under one key.
+
+Set up by ``markers.plugin`` in ``pytest_configure`` from the validated options; the fixtures and
+report hooks read and add to it. A session that failed before configuration has none.
+"""
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+
+@dataclass
+class SuiteState:
+    xpu: Any  # detr.device.Device: the device under test
+    precisions: List[str]
+    model_config: str
+    faults: List[str] = field(default_factory=list)
+    fault_fired: Counter = field(default_factory=Counter)
+    coco_batch: Optional[Any] = None  # fixtures.data.CocoBatch with --coco-path
+    expectations: Optional[Any] = None  # markers.expectations.Expectations with --expectations
+    bench: Optional[Any] = None  # fixtures.benchmark.BenchOptions
+    parity_results: List[Dict[str, Any]] = field(default_factory=list)
+    parity_report: Optional[Dict[str, Any]] = None
+    training_rows: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device(self):
+        return self.xpu.device
+
+
+STATE = pytest.StashKey[SuiteState]()
+
+
+def state(config: pytest.Config) -> SuiteState:
+    return config.stash[STATE]
+
+
+def state_or_none(config: pytest.Config) -> Optional[SuiteState]:
+    """The state, or None where configuration stopped early (a usage error) or in a stand-in config."""
+    stash = getattr(config, "stash", None)
+    return stash.get(STATE, None) if stash is not None else None
