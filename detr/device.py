@@ -33,6 +33,8 @@ from typing import ContextManager, Dict, Iterable, Iterator, List, Mapping, Opti
 
 import torch
 
+from . import compat
+
 KNOWN_PLUGINS = ("torch_xmlir", "torch_npu", "torch_mlu", "torch_musa", "intel_extension_for_pytorch")
 PRIVATEUSE1 = "privateuse1"
 
@@ -167,10 +169,7 @@ class CudaBackend(Backend):
         module = re.search(r"Kernel Module\s+(\S+)", _read("/proc/driver/nvidia/version") or "")
         if module:
             found.append(module.group(1))
-        try:
-            api = int(torch._C._cuda_getDriverVersion())
-        except Exception:
-            api = 0
+        api = compat.cuda_driver_api_version()
         if api:
             found.append(f"CUDA {api // 1000}.{api % 1000 // 10}")
         return ", ".join(found) or None
@@ -190,7 +189,7 @@ class PrivateUse1Backend(Backend):
 
     @property
     def type(self) -> str:
-        return torch._C._get_privateuse1_backend_name()
+        return compat.privateuse1_backend_name()
 
     def available(self) -> bool:
         return self.type != "privateuseone" and super().available()
