@@ -14,6 +14,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["TorchDispatchMode", "benchmark_stats", "cuda_driver_api_version", "current_autograd_node",
+           "disable_current_modes", "fallbacks", "named_leaves", "privateuse1_backend_name", "reroot",
+           "session_of", "tree_leaves", "tree_map"]
 _FALLBACKS: Dict[str, str] = {}
 
 

@@ -11,8 +11,8 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from . import compat
 from .coco_eval import CocoEvaluator
 from .misc import NonFiniteError
 from .recipe import REFERENCE
@@ -60,7 +60,7 @@ PHASES = ("forward and loss", "backward and gradient all-reduce", "clipping and 
 
 def cast_floating(outputs: Any, dtype: torch.dtype) -> Any:
     """``outputs`` (nested dicts and lists of tensors) with every floating tensor cast to ``dtype``."""
-    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, outputs)
+    return compat.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, outputs)
 
 
 def train_step(

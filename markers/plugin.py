@@ -205,6 +205,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     st = state_or_none(config)
     if st and st.expectations:
         write_expectations_summary(terminalreporter, st.expectations)
+    for api, instead in compat.fallbacks().items():
+        terminalreporter.write_line(f"warning: {api} is missing in this torch; {instead}", yellow=True)
     missed = faults_never_fired(config)
     if missed and compat.session_of(terminalreporter).testscollected:
         terminalreporter.section("injected faults", red=True)

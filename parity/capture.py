@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from detr import compat
 
 from .faults import FaultSpec, apply_faults, is_view_op, parse_faults
 from .metrics import bind_arguments
@@ -31,9 +31,6 @@ KEEP = ("tensors", "outputs", "stats")
 UNINITIALISED = ("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
                  "aten.new_empty_strided", "aten.empty_permuted", "aten.resize_")
 ROOT, OUTSIDE, UNKNOWN_BACKWARD = "(root)", "(outside)", "(backward)"
-
-_current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
-
 
 @dataclass
 class TensorMeta:
@@ -137,7 +134,7 @@ def flat_outputs(out: Any) -> List[Any]:
 
 def cpu_copy(tree: Any) -> Any:
     """Detached CPU copies of every tensor in a pytree; other leaves unchanged."""
-    return pytree.tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t, tree)
+    return compat.tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t, tree)
 
 
 class _ModuleTracker:
@@ -174,7 +171,7 @@ class _ModuleTracker:
     def claim(self, out: Any) -> None:
         """Assigns the current module to the unclaimed autograd ancestors of ``out``'s tensors."""
         path = self.path
-        todo = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        todo = [t.grad_fn for t in compat.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         while todo:
             node = todo.pop()
             if node is None or node in self.owner:
@@ -220,7 +217,7 @@ class _NodeClaimer(TorchFunctionMode):
         return out
 
 
-class CaptureMode(TorchDispatchMode):
+class CaptureMode(compat.TorchDispatchMode):
     """Records each aten op into ``trace`` and applies ``faults`` to the outputs first."""
 
     def __init__(self, trace: Trace, tracker: _ModuleTracker, keep: str = "tensors",
@@ -280,7 +277,7 @@ class CaptureMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         recorded = not is_view_op(func) and str(func.overloadpacket) not in UNINITIALISED
-        saved = pytree.tree_map(self._copy, (args, kwargs)) if recorded and self.keep == "tensors" else None
+        saved = compat.tree_map(self._copy, (args, kwargs)) if recorded and self.keep == "tensors" else None
         fired_before = [f.fired for f in self.faults]
         out = func(*args, **kwargs)
         out = apply_faults(self.faults, func, out)
@@ -290,13 +287,13 @@ class CaptureMode(TorchDispatchMode):
         flat = flat_outputs(out)
         if not recorded or not any(t is not None for t in flat):
             return out
-        node = _current_node()
+        node = compat.current_autograd_node()
         record = OpRecord(
             index=len(self.trace), op=str(func.overloadpacket), overload=str(func),
             module=self.tracker.node_path(node) if node is not None else self.tracker.path,
             phase="backward" if node is not None else "forward",
             node=node.name() if node is not None else None,
-            input_meta=[TensorMeta(tuple(t.shape), t.dtype) for t in pytree.tree_leaves((args, kwargs))
+            input_meta=[TensorMeta(tuple(t.shape), t.dtype) for t in compat.tree_leaves((args, kwargs))
                         if isinstance(t, torch.Tensor)],
             output_meta=[TensorMeta(tuple(t.shape), t.dtype) if t is not None else None for t in flat],
             stats=[TensorStats.of(t) if t is not None else None for t in flat] if self.keep == "stats" else [],
@@ -340,7 +337,7 @@ def capture(fn: Callable, *args, root_module: Optional[torch.nn.Module] = None,
 
 def loaded(record: OpRecord) -> OpRecord:
     """``record`` with its spilled inputs and outputs read back (itself when nothing was spilled)."""
-    if not any(isinstance(leaf, Stored) for leaf in pytree.tree_leaves((record.args, record.kwargs, record.outputs))):
+    if not any(isinstance(leaf, Stored) for leaf in compat.tree_leaves((record.args, record.kwargs, record.outputs))):
         return record
     return dataclasses.replace(record, args=load_tree(record.args), kwargs=load_tree(record.kwargs),
                                outputs=load_tree(record.outputs))

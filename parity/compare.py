@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils import _pytree as pytree
+
+from detr import compat
 
 from . import ensemble
 from .capture import Trace, capture, cpu_copy
@@ -150,7 +151,7 @@ def _failure_fields(row: dict) -> dict:
 
 
 def _differentiable(out: Any) -> List[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out)
+    return [t for t in compat.tree_leaves(out)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
 
 
@@ -161,11 +162,6 @@ def _output_grads(tensors: Sequence[torch.Tensor], seed: int) -> Optional[List[t
         return None
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype) for t in tensors]
-
-
-def _suspended_capture():
-    disable = getattr(torch.utils._python_dispatch, "_disable_current_modes", None)
-    return disable() if disable is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -184,7 +180,7 @@ def _execute(module: torch.nn.Module, inputs: Any, run: RunFn, device: torch.dev
             out = run(module, inputs)
         tensors = _differentiable(out)
         if tensors:
-            with _suspended_capture():
+            with compat.disable_current_modes():
                 grads = _output_grads(tensors, seed)
             torch.autograd.backward(tensors, grads)
         return out
@@ -199,19 +195,11 @@ def _execute(module: torch.nn.Module, inputs: Any, run: RunFn, device: torch.dev
             spill = keep == "tensors" and os.environ.get("DETR_PARITY_SPILL", "1") != "0"
             out, trace = capture(body, root_module=module, faults=faults, keep=keep, spill=spill)
     grads = [(f"grad {name}", cpu_copy(p.grad) if p.grad is not None else None) for name, p in module.named_parameters()]
-    return _Run(cpu_copy(pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)), grads, trace)
-
-
-def _named_leaves(out: Any) -> List[Tuple[str, Any]]:
-    with_path = getattr(pytree, "tree_flatten_with_path", None)
-    if with_path is not None:
-        leaves, _ = with_path(out)
-        return [(f"output{pytree.keystr(path)}", leaf) for path, leaf in leaves]
-    return [(f"output[{i}]", leaf) for i, leaf in enumerate(pytree.tree_leaves(out))]
+    return _Run(cpu_copy(compat.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)), grads, trace)
 
 
 def _leaves(run: _Run) -> List[Tuple[str, Any]]:
-    return _named_leaves(run.outputs) + list(run.grads)
+    return compat.named_leaves(run.outputs) + list(run.grads)
 
 
 def _missing(name: str, baseline: Any, device: Any) -> Optional[str]:

@@ -32,7 +32,8 @@ from typing import Any, Callable, Hashable, List, Optional
 import numpy as np
 import torch
 from scipy.stats import f as f_distribution
-from torch.utils import _pytree as pytree
+
+from detr import compat
 
 from .errormodel import REFERENCE_ULPS, ROUNDING_ULPS
 from .judge import OutputJudgement, nonfinite_verdict, structure_verdict
@@ -62,14 +63,14 @@ def perturb_inputs(inputs: Any, generator: torch.Generator) -> Any:
             return perturb_ulps(leaf.detach(), PERTURBATION_ULPS, generator).requires_grad_(leaf.requires_grad)
         return leaf
 
-    return pytree.tree_map(move, inputs)
+    return compat.tree_map(move, inputs)
 
 
 def digest(*trees: Any) -> str:
     """A content hash of tensors (and the repr of other leaves) in pytrees, for the cache key."""
     h = hashlib.blake2b(digest_size=16)
     for tree in trees:
-        for leaf in pytree.tree_leaves(tree):
+        for leaf in compat.tree_leaves(tree):
             if isinstance(leaf, torch.Tensor):
                 t = leaf.detach().cpu().contiguous()
                 h.update(f"{t.dtype}{tuple(t.shape)}".encode())

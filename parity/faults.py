@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Sequence, Union
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from detr import compat
 
 from .precision import round_to_tf32
 from .ulp import perturb_ulps
@@ -206,7 +207,7 @@ def never_fired(faults: Iterable[FaultSpec]) -> List[FaultSpec]:
     return [f for f in faults if f.fired == 0]
 
 
-class FaultMode(TorchDispatchMode):
+class FaultMode(compat.TorchDispatchMode):
     """Applies faults to the outputs of matching ops of whatever runs inside it."""
 
     def __init__(self, faults: Sequence[FaultSpec]):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from detr import compat
 
 from .device import Device
 
@@ -38,14 +38,14 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), rounded, x).reshape(x.shape)
 
 
-class Tf32Emulation(TorchDispatchMode):
+class Tf32Emulation(compat.TorchDispatchMode):
     """Rounds the float32 tensor inputs of matmul-like ops to TF32, as TF32 hardware does."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if str(func.overloadpacket) in TF32_OPS:
             round_leaf = lambda t: round_to_tf32(t) if isinstance(t, torch.Tensor) else t
-            args, kwargs = pytree.tree_map(round_leaf, (args, kwargs))
+            args, kwargs = compat.tree_map(round_leaf, (args, kwargs))
         return func(*args, **kwargs)
 
 
@@ -119,7 +119,7 @@ def cast_tree(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
         moved = leaf.detach().to(device=device, dtype=dtype if leaf.is_floating_point() else None)
         return moved.requires_grad_(leaf.requires_grad) if moved.is_floating_point() else moved
 
-    return pytree.tree_map(cast, tree)
+    return compat.tree_map(cast, tree)
 
 
 def parse_precisions(spec: str) -> List[Precision]:

@@ -24,7 +24,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
+
+from detr import compat
 
 from .capture import OpRecord, Trace, cpu_copy, flat_outputs, loaded
 from .errormodel import ErrorModel
@@ -137,7 +138,7 @@ def _to_golden(tree: Any, dtype: torch.dtype) -> Any:
             return torch.device("cpu")
         return leaf
 
-    return pytree.tree_map(up, tree)
+    return compat.tree_map(up, tree)
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
@@ -148,7 +149,7 @@ def _to_device(tree: Any, device: torch.device) -> Any:
             return device
         return leaf
 
-    return pytree.tree_map(move, tree)
+    return compat.tree_map(move, tree)
 
 
 def _fixup(record: OpRecord, args, kwargs):
@@ -215,7 +216,7 @@ def judge_record(record: OpRecord, device_out: Sequence, golden: Golden, model: 
         return [OutputJudgement(0, "float", False, f"fail: op returned {len(device_out)} outputs, "
                                 f"baseline {len(baseline_out)}, golden {len(golden_out)}", math.inf)]
     judgements = []
-    input_dtypes = {t.dtype for t in pytree.tree_leaves((record.args, record.kwargs))
+    input_dtypes = {t.dtype for t in compat.tree_leaves((record.args, record.kwargs))
                     if isinstance(t, torch.Tensor) and t.is_floating_point()}
     for pos, (d, b, g) in enumerate(zip(device_out, baseline_out, golden_out)):
         if b is None and d is None:

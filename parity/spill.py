@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Tuple
 
 import torch
-from torch.utils import _pytree as pytree
+
+from detr import compat
 
 
 class TensorStore:
@@ -66,4 +67,4 @@ class Stored:
 
 def load_tree(tree: Any) -> Any:
     """``tree`` with every :class:`Stored` leaf loaded."""
-    return pytree.tree_map(lambda leaf: leaf.load() if isinstance(leaf, Stored) else leaf, tree)
+    return compat.tree_map(lambda leaf: leaf.load() if isinstance(leaf, Stored) else leaf, tree)
