@@ -3,6 +3,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from .recipe import REFERENCE
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -11,7 +13,7 @@ class ModelConfig:
     backbone_weights: Optional[str] = None
     backbone_norm: str = "frozen"
     backbone_stride: int = 32
-    lr_backbone: float = 1e-5
+    lr_backbone: float = REFERENCE.lr_backbone  # > 0 trains the backbone's last layers
     position_embedding: str = "sine"
     hidden_dim: int = 256
     nheads: int = 8

@@ -30,7 +30,7 @@ PROFILES = {
     "elementwise at their budgets": [f"aten.{op}:ulp={int(MODEL.ulp_budget(op))}" for op in ELEMENTWISE],
     "reductions and norms at 2 ulp": [f"aten.{op}:ulp=2" for op in REDUCTIONS],
 }
-PARTS = ("backbone", "position", "transformer", "matcher", "criterion", "heads", "train step")
+PARTS = ("backbone", "position encoding (sine)", "transformer", "matcher cost", "criterion", "heads", "train step")
 
 
 @pytest.fixture(scope="module")

@@ -68,9 +68,7 @@ def tiny_parts():
     model, criterion, postprocess = detr.build("tiny")
     components = (model.eval(), criterion, postprocess)
     images, targets = make_batch(sizes=((96, 128), (128, 96)))
-    built = {name: (*part.build(components, (images, targets)), part.run) for name, part in PARTS.items()}
-    # tests/test_calibration.py still names these two parts by their old short names
-    return {**built, "position": built["position encoding (sine)"], "matcher": built["matcher cost"]}
+    return {name: (*part.build(components, (images, targets)), part.run) for name, part in PARTS.items()}
 
 
 @pytest.fixture(scope="module")
