@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["TorchDispatchMode", "benchmark_stats", "cuda_driver_api_version", "current_autograd_node",
-           "disable_current_modes", "fallbacks", "named_leaves", "privateuse1_backend_name", "reroot",
+           "disable_current_modes", "fallbacks", "grad_scaler", "named_leaves", "privateuse1_backend_name", "reroot",
            "session_of", "tree_leaves", "tree_map"]
 _FALLBACKS: Dict[str, str] = {}
 
@@ -87,6 +87,16 @@ def privateuse1_backend_name() -> str:
         _fall_back("torch._C._get_privateuse1_backend_name", "no privateuse1 device can be used")
         return "privateuseone"
     return get()
+
+
+def grad_scaler(device_type: str) -> Any:
+    """A loss scaler for fp16 on ``device_type``: ``torch.amp.GradScaler`` where it exists (torch 2.3
+    and newer), else the CUDA one that older torch has."""
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):
+        return amp.GradScaler(device_type)
+    _fall_back("torch.amp.GradScaler", "fp16 loss scaling uses torch.cuda.amp.GradScaler")
+    return torch.cuda.amp.GradScaler()
 
 
 def benchmark_stats(benchmark) -> Any:

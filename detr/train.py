@@ -25,6 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import detr
 
+from . import compat
 from . import distributed as D
 from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
 from .device import BACKENDS, VARIANTS, Device, DeviceError, import_plugins
@@ -231,7 +232,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     autocast_dtype = PRECISIONS[args.precision]
     if autocast_dtype == "amp":
         autocast_dtype = xpu.autocast_dtype()
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    scaler = compat.grad_scaler(device.type) if autocast_dtype == torch.float16 else None
     seed_everything(args.seed + info.rank)
 
     g = torch.Generator().manual_seed(args.seed)

@@ -201,8 +201,9 @@ def golden_outputs(record: OpRecord) -> Golden:
 def device_outputs(record: OpRecord, device: torch.device, precision: Precision,
                    faults: Sequence[FaultSpec] = (), context=None) -> List[Optional[torch.Tensor]]:
     """Re-runs ``record``'s op on ``device`` with the baseline's exact inputs; faults applied."""
-    # An op that writes none of its arguments may read the recorded ones in place on the CPU.
-    same_place = device.type == "cpu" and not record.func._schema.is_mutable
+    # An op that writes none of its arguments may read the recorded ones in place on their device.
+    same_place = not record.func._schema.is_mutable and all(
+        t.device == device for t in compat.tree_leaves((record.args, record.kwargs)) if isinstance(t, torch.Tensor))
     args, kwargs = (record.args, record.kwargs) if same_place else _to_device((record.args, record.kwargs), device)
     with precision.backend(device), (context() if context else contextlib.nullcontext()):
         out = apply_faults(faults, record.func, record.func(*args, **kwargs))

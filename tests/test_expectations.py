@@ -80,3 +80,9 @@ def test_a_malformed_file_is_a_usage_error(tmp_path):
     path = write(tmp_path, "suite/test_position_encoding.py::*\n")
     done = run(f"--expectations={path}", "--collect-only")
     assert done.returncode == 4 and f"{path}:1:" in done.stderr and "has no reason" in done.stderr, done.stdout + done.stderr
+
+
+def test_the_ini_value_names_the_file_too(tmp_path):
+    path = write(tmp_path, "suite/test_position_encoding.py::*\n")
+    done = run("-o", f"expectations={path}", "--collect-only")
+    assert done.returncode == 4 and f"{path}:1:" in done.stderr, done.stdout + done.stderr
