@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .device import backend_for, collective_device
+from .files import atomic_write
 from .misc import is_dist_avail_and_initialized
 
 
@@ -130,9 +131,7 @@ class Progress:
 
     def mark(self, step: int, phase: str) -> None:
         self.last = {"rank": self.rank, "step": step, "phase": phase, "time": time.time()}
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.last))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.last), durable=False)
 
     def positions(self) -> List[dict]:
         """Every rank's last mark that can be read."""

@@ -31,6 +31,7 @@ from .data.coco import DatasetError, build_dataset, coco_api, num_classes, valid
 from .device import BACKENDS, VARIANTS, Device, DeviceError, import_plugins
 from .device import resolve as resolve_device
 from .engine import PHASES, evaluate, train_one_epoch
+from .files import TMP_GLOB, atomic_save, atomic_write
 from .misc import collate_fn
 from .train_faults import FaultyCriterion, TrainFault
 
@@ -110,19 +111,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename, so an interrupted write never leaves a broken file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    atomic_save(path, lambda f: torch.save(state, f))
 
 
 def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -264,7 +258,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:  # left by a run killed while writing; only one job writes to an output folder
-        for stale in output_dir.glob(".*.tmp-*"):
+        for stale in output_dir.glob(TMP_GLOB):
             stale.unlink(missing_ok=True)
     start_epoch, steps_done, history, step_losses = 0, 0, [], []
     earlier, resumes = 0.0, []  # seconds of the runs before a resume, up to their checkpoint

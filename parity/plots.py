@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List
 
-from .report import PathLike, atomic_write_bytes
+from detr.files import PathLike, atomic_write
 
 FLOOR = 1e-4  # margins of exact ops (0) are drawn at the bottom of the log axis
 
@@ -55,7 +55,7 @@ def plot_margins(entry: dict, path: PathLike) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, buffer.getvalue())
 
 
 def write_plots(directory: PathLike, entries: Iterable[dict]) -> List[Path]:

@@ -14,48 +14,17 @@ component that set it; null for ops bit-identical to the baseline, which pass by
 expectations file that names the test, or null).
 Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so the JSON is strict.
 """
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional
 
-PathLike = Union[str, os.PathLike]
+from detr.files import PathLike, atomic_write
+
 MAX_MARKDOWN_ROWS = 40
-
-
-def atomic_write(path: PathLike, text: str) -> Path:
-    """Writes ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """:func:`atomic_write` for bytes (a PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; reports are for the group too
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def set_aside(path: PathLike) -> Path:

@@ -8,14 +8,13 @@ tolerance (a device far better than the reference is computing something else).
 """
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from scipy import stats
 
-from parity.report import atomic_write
+from detr.files import atomic_save, atomic_write
 
 Curve = List[Dict[str, float]]
 ALPHA = 0.05
@@ -119,7 +118,7 @@ def plot(path: Path, device_curves: Sequence[Curve], reference_curves: Sequence[
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,47 @@
+"""The one atomic writer: results, reports, checkpoints and progress marks are written to a
+temporary file in the target's folder and renamed over it, so that a reader, a resumed run or a
+crash sees the old file or the new one, never a part. Files are as readable as the umask allows
+(``mkstemp`` alone makes them 0600, unreadable to the group that shares the results).
+"""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+PathLike = Union[str, os.PathLike]
+# Temporaries are named ".<name>.tmp-<random>": a run that starts cleans up what a killed one left.
+TMP_GLOB = ".*.tmp-*"
+
+
+def atomic_save(path: PathLike, write: Callable[[BinaryIO], None], durable: bool = True) -> Path:
+    """Calls ``write(file)`` on a temporary binary file, then renames it to ``path``. ``durable``
+    flushes it to disk first (off for marks rewritten every step, where a lost one is harmless)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write(path: PathLike, data: Union[str, bytes], durable: bool = True) -> Path:
+    """Writes text (UTF-8) or bytes to ``path`` atomically."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return atomic_save(path, lambda f: f.write(payload), durable)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
