@@ -28,6 +28,7 @@ import detr
 from . import compat
 from . import distributed as D
 from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
+from .config import PRECISIONS
 from .device import BACKENDS, VARIANTS, Device, DeviceError, import_plugins
 from .device import resolve as resolve_device
 from .engine import PHASES, evaluate, train_one_epoch
@@ -37,7 +38,8 @@ from .train_faults import FaultyCriterion, TrainFault
 
 # Where a rank can be, in order within a step: the training phases, then the evaluation after it.
 ORDER = PHASES + ("evaluation",)
-PRECISIONS = {"fp32": None, "tf32": None, "amp": "amp", "fp16": torch.float16, "bf16": torch.bfloat16}
+# The autocast dtype of each precision ("amp": the device's own); tf32 is a switch, not a dtype.
+AUTOCAST = {"fp32": None, "tf32": None, "amp": "amp", "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The synthetic set and recipe that reach 0.25 AP within minutes on two CPU cores (see README).
 SYNTHETIC_DATA = dict(num_train=2048, num_val=128, min_size=128, max_size=128, min_objects=1, max_objects=3,
@@ -57,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, choices=sorted(detr.CONFIGS), help="default: tiny on the synthetic set, r50 on COCO")
     p.add_argument("--device", default="auto", help=f"torch device type or string, auto (the accelerator if any, else cpu), or {', '.join(VARIANTS)}; under torchrun each rank takes index LOCAL_RANK")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="vendor extension to import first (e.g. torch_xmlir); repeatable")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="amp autocasts to the device's autocast dtype (float16 on CUDA, bfloat16 on the CPU); tf32 allows TF32 matmuls and convolutions")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="amp autocasts to the device's autocast dtype (float16 on CUDA, bfloat16 on the CPU); tf32 allows TF32 matmuls and convolutions")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps in all")
     p.add_argument("--batch-size", type=int, default=None, help="images per device and step")
@@ -223,7 +225,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = detr.Recipe(args.lr, args.lr_backbone, args.weight_decay, args.clip_max_norm).optimizer(model_without_ddp)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    autocast_dtype = PRECISIONS[args.precision]
+    autocast_dtype = AUTOCAST[args.precision]
     if autocast_dtype == "amp":
         autocast_dtype = xpu.autocast_dtype()
     scaler = compat.grad_scaler(device.type) if autocast_dtype == torch.float16 else None

@@ -9,13 +9,13 @@ from typing import Optional
 import pytest
 
 from detr import compat
+from detr.config import CONFIGS, PRECISIONS
 from markers.expectations import Expectations, ExpectationsError
 from markers.state import STATE, SuiteState, state, state_or_none
 from parity.device import VARIANTS, DeviceError, import_plugins, register_backend, resolve
 from parity.faults import parse_faults
 
-MODEL_CONFIGS = ("r50", "tiny")
-PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
+MODEL_CONFIGS = tuple(CONFIGS)
 SUITE_DIR = Path(__file__).resolve().parent.parent / "suite"
 # Declared by the plugin, not pytest.ini, so that an installed suite has them wherever it runs.
 MARKERS = {

@@ -16,10 +16,10 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 
 from detr import compat
+from detr.config import PRECISIONS
 
 from .device import Device
 
-PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Ops whose float32 inputs a TF32 device rounds; the emulated CPU baseline rounds them likewise.

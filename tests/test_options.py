@@ -71,3 +71,12 @@ def test_the_suite_is_a_pytest_plugin_when_installed():
     eps = metadata.entry_points()
     group = eps.select(group="pytest11") if hasattr(eps, "select") else eps.get("pytest11", [])
     assert any(ep.value == "markers.conformance" for ep in group), "pip install -e . registers the pytest11 entry point"
+
+
+def test_precisions_and_model_configs_are_written_once():
+    from detr import config, train
+    from markers import plugin
+    from parity import precision
+
+    assert plugin.PRECISIONS is precision.PRECISIONS is config.PRECISIONS and set(train.AUTOCAST) == set(config.PRECISIONS)
+    assert plugin.MODEL_CONFIGS == tuple(config.CONFIGS) == ("r50", "tiny")
