@@ -14,6 +14,7 @@ import torch
 
 import detr
 from detr import box_ops
+from detr.device import resolve
 from detr.engine import weighted_loss
 from fixtures.models import make_batch
 
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=31)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    xpu = resolve(args.device)
+    device = xpu.device
     torch.manual_seed(0)
     _, criterion, _ = detr.build("r50")
     criterion.to(device)
@@ -69,8 +71,7 @@ def main() -> None:
             losses = fn(outputs, targets)
             total = weighted_loss(losses, criterion.weight_dict)
             total.backward()
-            if device.type != "cpu":
-                torch.accelerator.synchronize(device)
+            xpu.synchronize()
             times[name].append(time.perf_counter() - start)
     ours_t, ref_t = statistics.median(times["this project"]), statistics.median(times["reference layout"])
     print(f"loss terms agree to {worst:.2e}")
