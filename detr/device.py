@@ -29,7 +29,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import torch
 
@@ -109,6 +109,16 @@ class Backend:
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         self._call("manual_seed_all", seed)
+
+    def rng_state(self, device: torch.device) -> Any:
+        """The host's and the device's random states (dropout draws from the device's)."""
+        return torch.get_rng_state(), self._call("get_rng_state", device)
+
+    def set_rng_state(self, state: Any, device: torch.device) -> None:
+        host, own = state
+        torch.set_rng_state(host)
+        if own is not None:
+            self._call("set_rng_state", own, device)
 
     def autocast_dtype(self) -> torch.dtype:
         """The low-precision dtype that ``torch.autocast`` uses on this device type."""
@@ -241,6 +251,9 @@ class CpuBackend(Backend):
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def rng_state(self, device: torch.device) -> Any:
+        return torch.get_rng_state(), None
 
     def autocast_dtype(self) -> torch.dtype:
         return torch.bfloat16
@@ -485,6 +498,12 @@ class Device:
 
     def manual_seed(self, seed: int) -> None:
         self.backend.manual_seed(seed)
+
+    def rng_state(self) -> Any:
+        return self.backend.rng_state(self.device)
+
+    def set_rng_state(self, state: Any) -> None:
+        self.backend.set_rng_state(state, self.device)
 
     def error_backend(self) -> str:
         """The error model's table for this device (``cuda`` or ``default``)."""

@@ -36,6 +36,13 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf: training stops at once, naming the step and the terms."""
 
 
+def _timed(fn: Callable, *args) -> float:
+    """Calls ``fn(*args)``; returns the seconds it took."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def to_device(samples, targets, device: torch.device):
     samples = samples.to(device, non_blocking=True)
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -75,6 +82,7 @@ def train_step(
     loss_dtype: Optional[torch.dtype] = None,
     check: Optional[Callable[[torch.Tensor, Dict[str, torch.Tensor]], None]] = None,
     mark: Optional[Callable[[str], None]] = None,
+    after_backward: Optional[Callable[[], None]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One step of the reference recipe: forward and set criterion under ``autocast()``, backward
     (scaled by ``scaler`` when given), gradients clipped to a total norm of ``max_norm`` (0: not
@@ -84,7 +92,8 @@ def train_step(
     ``loss_dtype`` casts the model's outputs before the criterion (a model run in half precision
     still has its loss in float32); ``check(loss, losses)`` runs before backward, so that a NaN
     can be stopped before it reaches the weights or a checkpoint; ``mark(phase)`` is called before
-    each of :data:`PHASES`. Returns the weighted loss (a scalar) and the criterion's terms.
+    each of :data:`PHASES`; ``after_backward()`` sees the (all-reduced, unscaled) gradients before
+    clipping. Returns the weighted loss (a scalar) and the criterion's terms.
     """
     mark = mark or (lambda phase: None)
     mark(PHASES[0])
@@ -103,6 +112,8 @@ def train_step(
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    if after_backward is not None:
+        after_backward()
     mark(PHASES[2])
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -130,11 +141,14 @@ def train_one_epoch(
     log: Callable[[str], None] = print,
     after_step: Optional[Callable[[], None]] = None,
     progress: Optional[Callable[[int, str], None]] = None,
+    checks: Optional[Any] = None,
 ) -> EpochStats:
     """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps.
 
     ``after_step`` runs after every optimizer step, e.g. a per-step learning-rate warm-up;
     ``progress(step, phase)`` is told where the step is, before each phase (see :data:`PHASES`).
+    ``checks`` (e.g. :class:`detr.ddp_check.DDPEquivalence`) has ``before(step, samples, targets)``,
+    ``after_backward(step)`` and ``after_step(step)``; their time is left out of the step's timings.
     """
     mark = progress or (lambda step, phase: None)
     model.train()
@@ -143,10 +157,14 @@ def train_one_epoch(
     sums: Dict[str, float] = {}
     total_steps = len(data_loader) if max_steps is None else min(max_steps, len(data_loader))
     start = time.perf_counter()
+    check_time, checks_in_step = 0.0, []
     for step, (samples, targets) in enumerate(data_loader):
         if step >= total_steps:
             break
         samples, targets = to_device(samples, targets, device)
+        checked = 0.0
+        if checks is not None:
+            checked += _timed(checks.before, step, samples, targets)
         synchronize()
         t0 = time.perf_counter()
         try:
@@ -154,11 +172,17 @@ def train_one_epoch(
                 model, criterion, samples, targets, optimizer, max_norm,
                 autocast=lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
                 scaler=scaler, check=lambda loss, losses: check_finite(loss, losses, step, epoch),
-                mark=lambda phase: mark(step, phase))
+                mark=lambda phase: mark(step, phase),
+                after_backward=None if checks is None else lambda: checks_in_step.append(_timed(checks.after_backward, step)))
         except NonFiniteError as exc:  # raised by the matcher for non-finite predictions
             raise NonFiniteLossError(f"epoch {epoch} step {step}: {exc}") from exc
         synchronize()
-        stats.core_time += time.perf_counter() - t0
+        stats.core_time += time.perf_counter() - t0 - sum(checks_in_step)
+        checked += sum(checks_in_step)
+        checks_in_step.clear()
+        if checks is not None:
+            checked += _timed(checks.after_step, step)
+        check_time += checked
         value = loss.item()
         if after_step is not None:
             after_step()
@@ -176,7 +200,7 @@ def train_one_epoch(
                 f"(ce {losses['loss_ce'].item():.3f} bbox {losses['loss_bbox'].item():.3f} giou {losses['loss_giou'].item():.3f}) "
                 f"{stats.samples / elapsed:.1f} img/s eta {eta:.0f}s"
             )
-    stats.wall_time = time.perf_counter() - start
+    stats.wall_time = time.perf_counter() - start - check_time
     stats.losses = {k: v / max(stats.steps, 1) for k, v in sums.items()}
     return stats
 

@@ -29,12 +29,13 @@ from . import compat
 from . import distributed as D
 from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
 from .config import PRECISIONS
-from .device import BACKENDS, VARIANTS, Device, DeviceError, import_plugins
+from .ddp_check import DDPEquivalence
+from .device import BACKENDS, VARIANTS, Device, DeviceError, collective_device, import_plugins
 from .device import resolve as resolve_device
 from .engine import PHASES, evaluate, train_one_epoch
 from .files import TMP_GLOB, atomic_save, atomic_write
 from .misc import collate_fn
-from .train_faults import FaultyCriterion, TrainFault
+from .train_faults import GRAD_KINDS, FaultyAllReduce, FaultyCriterion, TrainFault
 
 # Where a rank can be, in order within a step: the training phases, then the evaluation after it.
 ORDER = PHASES + ("evaluation",)
@@ -86,7 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs", help="checkpoints, log.jsonl and result.json go here")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override, e.g. hidden_dim=128; repeatable")
-    p.add_argument("--fail-at", default=None, metavar="RANK:STEP:KIND", help="inject a fault (crash, nan or hang) to test the harness")
+    p.add_argument("--fail-at", default=None, metavar="RANK:STEP:KIND",
+                   help="inject a fault to test the harness: crash, nan, hang, eval-crash, or grad-sum / grad-local (that rank's gradient all-reduce sums, or keeps its own)")
+    p.add_argument("--ddp-check-steps", type=int, default=2, metavar="N",
+                   help="multi-rank jobs: check the first N steps' gradients and parameters against one process on the global batch (0: off)")
     return p
 
 
@@ -220,15 +224,31 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
+    grad_fault = None
+    if fault is not None and fault.kind in GRAD_KINDS:
+        if not info.enabled:
+            raise SystemExit(f"--fail-at {args.fail_at}: a gradient all-reduce fault needs a multi-rank job")
+        grad_fault = FaultyAllReduce(fault, info.rank, info.world_size)
     if info.enabled:
         device_ids = [device.index] if xpu.accelerator else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if grad_fault is not None:
+            model.register_comm_hook(None, grad_fault.hook)
     optimizer = detr.Recipe(args.lr, args.lr_backbone, args.weight_decay, args.clip_max_norm).optimizer(model_without_ddp)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     autocast_dtype = AUTOCAST[args.precision]
     if autocast_dtype == "amp":
         autocast_dtype = xpu.autocast_dtype()
     scaler = compat.grad_scaler(device.type) if autocast_dtype == torch.float16 else None
+    checker = None
+    if info.enabled and args.ddp_check_steps > 0 and scaler is None:
+        checker = DDPEquivalence(
+            model_without_ddp, criterion, optimizer,
+            make_optimizer=detr.Recipe(args.lr, args.lr_backbone, args.weight_decay, args.clip_max_norm).optimizer,
+            steps=args.ddp_check_steps, max_norm=args.clip_max_norm,
+            autocast=lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+            rank=info.rank, world_size=info.world_size, collective_device=collective_device(backend),
+            rng_state=xpu.rng_state, set_rng_state=xpu.set_rng_state)
     seed_everything(args.seed + info.rank)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -331,9 +351,20 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
                 break
             if info.enabled:
                 sampler_train.set_epoch(epoch)
+            def at(step: int, phase: str) -> None:
+                progress.mark(steps_done + step, phase)
+                if grad_fault is not None:
+                    grad_fault.step = steps_done + step
+
+            if checker is not None:
+                checker.offset = steps_done
             stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                     autocast_dtype, scaler, synchronize=xpu.synchronize, max_steps=remaining, log=log, after_step=warm_up,
-                                    progress=lambda step, phase: progress.mark(steps_done + step, phase))
+                                    progress=at, checks=checker)
+            for check in checker.checks[len(checker.logged):] if checker is not None else []:
+                checker.logged.append(check)
+                log(f"DDP equivalence, step {check.step}: {'pass' if check.passed else 'FAIL'}, gradient margin "
+                    f"{check.grad_margin:.3g}, parameter margin {check.param_margin:.3g} (worst: {check.worst})")
             lr_scheduler.step()
             steps_done += stats.steps
             counters["samples"] += D.all_reduce([stats.samples])[0]
@@ -392,6 +423,10 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         "mem_actual_gib": mem_actual or None, "mem_total_gib": total_memory_gib(xpu),
         "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "mAP")} for r in history if "mAP" in r],
         "step_losses": [v / world for v in step_losses], "param_digests": digests,
+        "ddp_equivalence": checker.summary() if checker is not None else {
+            "checked_steps": [], "passed": None,
+            "note": "one rank: nothing to check" if not info.enabled else
+                    "not checked: off (--ddp-check-steps 0) or fp16 with loss scaling"},
     }
     if info.is_main:
         write_json(output_dir / "result.json", summary)

@@ -1,7 +1,7 @@
 """FlagPerf's metric arithmetic from a run's counters, and the checks of multi-rank runs."""
 import pytest
 
-from training.metrics import MetricsError, flagperf_metrics, loss_fell, ranks_agree
+from training.metrics import MetricsError, flagperf_metrics, ranks_agree
 
 
 def counters(**changes):
@@ -49,11 +49,3 @@ def test_ranks_agree_only_when_every_rank_reported_the_same_digest():
     assert ranks_agree({"world_size": 3, "param_digests": ["a", "a", "a"]})
     assert not ranks_agree({"world_size": 3, "param_digests": ["a", "b", "a"]})
     assert not ranks_agree({"world_size": 3, "param_digests": ["a", "a"]})
-
-
-def test_loss_fell_compares_the_first_and_last_quarter():
-    fall = loss_fell([10, 9, 8, 7, 6, 5, 4, 3])
-    assert fall == {"first": 9.5, "last": 3.5, "window": 2, "fell": True}
-    assert not loss_fell([1, 2, 3, 4])["fell"]
-    with pytest.raises(MetricsError):
-        loss_fell([1.0])

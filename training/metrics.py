@@ -6,7 +6,7 @@ All throughputs are global: samples trained on all ranks together, per second.
 - p_core:  samples / device-synchronised forward+loss+backward+step time (of the slowest rank)
 """
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional
 
 
 class MetricsError(ValueError):
@@ -55,14 +55,3 @@ def ranks_agree(result: Dict[str, Any]) -> bool:
     """True when every rank ended with bit-identical parameters."""
     digests = result.get("param_digests") or []
     return len(digests) == int(result.get("world_size", len(digests))) and len(set(digests)) == 1
-
-
-def loss_fell(step_losses: Sequence[float], window: Optional[int] = None) -> Dict[str, float]:
-    """Mean loss over the first and the last ``window`` steps (default: a quarter of the run, at least 1)."""
-    losses: List[float] = [float(v) for v in step_losses]
-    if len(losses) < 2:
-        raise MetricsError(f"need at least 2 steps to see the loss fall, got {len(losses)}")
-    k = window or max(1, len(losses) // 4)
-    k = min(k, len(losses) // 2)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    return {"first": first, "last": last, "window": k, "fell": last < first}

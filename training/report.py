@@ -147,6 +147,12 @@ def render_markdown(rows: Sequence[Dict[str, Any]], environment: Dict[str, Any])
         if r.get("plot"):
             line += f" ![curve]({r['plot']})"
         out.append(line)
+        ddp = r.get("ddp_equivalence") or {}
+        if ddp.get("checked_steps"):
+            worst = ddp.get("worst") or {}
+            out.append(f"  - DDP equivalence over steps {ddp['checked_steps']}: {'pass' if ddp['passed'] else '**FAIL**'}, "
+                       f"worst gradient margin {ddp['worst_grad_margin']:.3g}, parameter margin {ddp['worst_param_margin']:.3g} "
+                       f"({worst.get('what')} of {worst.get('tensor')} on rank {worst.get('rank')})")
     out.append("")
     return "\n".join(out)
 
