@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["TorchDispatchMode", "benchmark_stats", "cuda_driver_api_version", "current_autograd_node",
-           "disable_current_modes", "fallbacks", "grad_scaler", "named_leaves", "privateuse1_backend_name", "reroot",
+           "disable_current_modes", "fallbacks", "flop_counter", "grad_scaler", "named_leaves", "privateuse1_backend_name", "reroot",
            "session_of", "tree_leaves", "tree_map"]
 _FALLBACKS: Dict[str, str] = {}
 
@@ -97,6 +97,19 @@ def grad_scaler(device_type: str) -> Any:
         return amp.GradScaler(device_type)
     _fall_back("torch.amp.GradScaler", "fp16 loss scaling uses torch.cuda.amp.GradScaler")
     return torch.cuda.amp.GradScaler()
+
+
+def flop_counter() -> Any:
+    """A context that counts FLOPs, with ``get_total_flops()``: ``FlopCounterMode`` (torch 2.1 and
+    newer), else the suite's own counter of matmuls and convolutions (:mod:`detr.flops`)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        from .flops import FlopCounter
+
+        _fall_back("torch.utils.flop_counter", "FLOPs are counted by detr.flops (matmuls and convolutions)")
+        return FlopCounter()
+    return FlopCounterMode(display=False)
 
 
 def benchmark_stats(benchmark) -> Any:
