@@ -13,9 +13,11 @@ Tolerances, per element, from the per-rank gradients ``g_r`` that the replica co
   by N, is within ``u sum_r |g_r|`` of exact (Higham, ch. 3, first order), and the all-reduce and
   the replica's accumulation both are; on a device whose kernels are not deterministic the
   replica's own run-to-run difference on rank 0's batch is added, in proportion.
-- parameters: AdamW's update ``m / (sqrt(v) + eps)`` moves by at most about ``2 d / (sqrt(v) + eps)``
-  when the gradient moves by ``d`` (both moments move), and never by more than 2; times the
-  group's learning rate, plus ``2 u |p|`` for the roundings of the update itself.
+- parameters: AdamW's update ``q = m / (sqrt(v) + eps)`` moves by at most about
+  ``2 d / (sqrt(v) + eps)`` when the gradient moves by ``d`` (both moments move), and never by more
+  than 2; times the group's learning rate. On top, the roundings on either side: one of the new
+  parameter and three in the update (``q``, ``lr q``, the sum), ``4 u |p| + 6 u lr |q|``. A 1-ulp
+  flip of a parameter alone is up to ``2 u |p|``: half the tolerance.
 A margin is the deviation in units of its tolerance: above 1 fails. A sum instead of an average
 is off by N - 1 times the gradient, a rank that keeps its local gradient by the ranks' spread:
 both are orders of magnitude above 1.
@@ -156,8 +158,9 @@ class DDPEquivalence:
             clip = min(1.0, self.max_norm / (norm + 1e-6))
         optimizer.step()
         after = _flat([p.detach() for p in params_of]).double()
-        denom, lr = _adam_scale(optimizer, params_of)
-        param_tol = lr * torch.clamp(2 * clip * grad_tol / denom, max=2.0) + 2 * U32 * after.abs() + 1e-30
+        denom, lr, update = _adam_scale(optimizer, params_of)
+        param_tol = lr * torch.clamp(2 * clip * grad_tol / denom, max=2.0) + 4 * U32 * after.abs() \
+            + 6 * U32 * lr * update.abs() + 1e-30
 
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         sizes = [p.numel() for p in params_of]
@@ -188,21 +191,23 @@ def _flat_grads(params: List[nn.Parameter]) -> torch.Tensor:
 
 
 def _adam_scale(optimizer: torch.optim.Optimizer, params: List[nn.Parameter]):
-    """(sqrt(v_hat) + eps, lr) per element, as flat float64 vectors, from AdamW's state after a step."""
-    denoms, lrs = [], []
+    """(sqrt(v_hat) + eps, lr, the update m_hat / (sqrt(v_hat) + eps)) per element, as flat float64
+    vectors, from AdamW's state after a step."""
+    denoms, lrs, updates = [], [], []
     for group in optimizer.param_groups:
-        beta2, eps = group["betas"][1], group["eps"]
+        (beta1, beta2), eps = group["betas"], group["eps"]
         for p in group["params"]:
             if not p.requires_grad:
                 continue
             state = optimizer.state[p]
             t = float(state["step"])
-            v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** t)
-            denoms.append((v_hat.sqrt() + eps).reshape(-1))
+            denom = (state["exp_avg_sq"].double() / (1 - beta2 ** t)).sqrt() + eps
+            denoms.append(denom.reshape(-1))
+            updates.append((state["exp_avg"].double() / (1 - beta1 ** t) / denom).reshape(-1))
             lrs.append(torch.full((p.numel(),), float(group["lr"]), dtype=torch.float64))
     order = {id(p): i for i, p in enumerate(q for g in optimizer.param_groups for q in g["params"] if q.requires_grad)}
     index = [order[id(p)] for p in params]
-    return torch.cat([denoms[i] for i in index]), torch.cat([lrs[i] for i in index])
+    return tuple(torch.cat([parts[i] for i in index]) for parts in (denoms, lrs, updates))
 
 
 def _name_at(names: List[str], sizes: List[int], index: int) -> str:
