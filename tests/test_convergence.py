@@ -2,6 +2,9 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
 
 from training.convergence import judge, load_curves, olympic_mean, plot, save_curves
 
@@ -61,3 +64,47 @@ def test_plot_writes_a_png(tmp_path):
     plot(path, [curve(0.1, 0.2), curve(0.12, 0.22)], [curve(0.1, 0.21)], "DETR tiny 1x1 fp32", target=0.25)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+
+
+def _seeds(means, sds, samples):
+    """Reference curves: one per seed, the k-th point at samples[k] with mAP means[k] + sds[k] * z."""
+    zs = [-1.2, -0.4, 0.0, 0.5, 1.1]
+    return [[{"samples": s, "mAP": m + sd * z} for s, m, sd in zip(samples, means, sds)] for z in zs]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.0, 0.6), min_size=1, max_size=6), st.floats(0.0, 0.05), st.floats(0.0, 0.05))
+def test_a_device_on_the_reference_mean_passes_and_one_beyond_the_interval_fails(means, sd, tolerance):
+    from training.convergence import judge_against_seeds
+
+    samples = [1000.0 * (k + 1) for k in range(len(means))]
+    reference = _seeds(means, [sd] * len(means), samples)
+    mean_curve = [{"samples": s, "mAP": sum(c[k]["mAP"] for c in reference) / 5} for k, s in enumerate(samples)]
+    assert judge_against_seeds([mean_curve], reference, tolerance).passed
+    spread = stats.tstd([c[-1]["mAP"] for c in reference]) if sd else 0.0
+    t = stats.t.ppf(1 - 0.01 / (2 * len(samples)), 4)
+    beyond = mean_curve[:-1] + [{"samples": samples[-1], "mAP": mean_curve[-1]["mAP"] + tolerance + t * spread * (1.2 ** 0.5) + 1e-3}]
+    verdict = judge_against_seeds([beyond], reference, tolerance)
+    assert not verdict.passed and f"worst at {samples[-1]:.0f} samples" in verdict.method
+
+
+def test_points_beyond_the_reference_are_not_judged_and_one_seed_is_not_a_distribution():
+    from training.convergence import judge_against_seeds
+
+    reference = _seeds([0.1, 0.2], [0.01, 0.01], [1000.0, 2000.0])
+    early = [{"samples": 500.0, "mAP": 0.05}, {"samples": 9000.0, "mAP": 0.9}]
+    verdict = judge_against_seeds([early], reference, 0.0)
+    assert verdict.passed and "1 evaluation(s) against 5 reference seeds" in verdict.method
+    with pytest.raises(ValueError, match="no evaluation of the device"):
+        judge_against_seeds([[{"samples": 9000.0, "mAP": 0.9}]], reference, 0.0)
+    with pytest.raises(ValueError, match="at least 2 reference seeds"):
+        judge_against_seeds([early], reference[:1], 0.0)
+
+
+def test_the_published_target_judges_the_best_map_of_every_run():
+    from training.convergence import judge_target
+
+    runs = [[{"samples": 1e6, "mAP": 0.30}, {"samples": 2e6, "mAP": 0.39}], [{"samples": 1e6, "mAP": 0.41}]]
+    verdict = judge_target(runs, 0.42, 0.05, "FlagPerf")
+    assert verdict.passed and verdict.device_final == 0.39 and "published target (FlagPerf)" in verdict.method
+    assert not judge_target(runs, 0.42, 0.02, "FlagPerf").passed

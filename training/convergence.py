@@ -75,6 +75,64 @@ def judge(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tol
     return Verdict(abs(d - r) <= tolerance, d, r, tolerance, "final mAP difference")
 
 
+# The chance that a device training like the reference fails :func:`judge_against_seeds`.
+FALSE_POSITIVE_RATE = 0.01
+
+
+def _interpolate(curve: Curve, samples: float) -> Optional[float]:
+    """The curve's mAP at ``samples`` trained (linear between evaluations, from 0 mAP at 0
+    samples); None beyond its last evaluation."""
+    points = [(0.0, 0.0)] + [(float(p["samples"]), float(p["mAP"])) for p in curve if p.get("mAP") is not None]
+    if samples > points[-1][0]:
+        return None
+    for (s0, m0), (s1, m1) in zip(points, points[1:]):
+        if s0 <= samples <= s1:
+            return m0 if s1 == s0 else m0 + (m1 - m0) * (samples - s0) / (s1 - s0)
+    return points[-1][1]
+
+
+def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float,
+                        false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
+    """Every evaluation of every device run against the reference seeds at the same number of
+    trained samples: it passes inside ``mean +- (tolerance + t * sd * sqrt(1 + 1/n))``, the
+    prediction interval of one more run among the n reference seeds, with t the Student quantile
+    at ``false_positive_rate`` split over all the points judged (Bonferroni). A device whose runs
+    are distributed like the reference's fails with probability at most ``false_positive_rate``
+    (normal mAPs); ``tolerance`` (absolute AP) is allowed on top. Points beyond the reference's
+    last evaluation are not judged."""
+    n = len(reference_curves)
+    if n < 2:
+        raise ValueError(f"need at least 2 reference seeds for a prediction interval, got {n}")
+    points = [(p["samples"], p["mAP"]) for c in device_curves for p in c if p.get("mAP") is not None]
+    judged = []
+    for samples, value in points:
+        ref = [_interpolate(c, samples) for c in reference_curves]
+        if any(r is None for r in ref):
+            continue
+        judged.append((samples, value, ref))
+    if not judged:
+        raise ValueError("no evaluation of the device lies within the reference curves' trained samples")
+    t = float(stats.t.ppf(1 - false_positive_rate / (2 * len(judged)), n - 1))
+    worst = None
+    for samples, value, ref in judged:
+        mean, sd = sum(ref) / n, float(stats.tstd(ref)) if len(set(ref)) > 1 else 0.0
+        half = tolerance + t * sd * math.sqrt(1 + 1 / n)
+        excess = abs(value - mean) - half
+        if worst is None or excess > worst[0]:
+            worst = (excess, samples, value, mean, half)
+    excess, samples, value, mean, half = worst
+    method = (f"{len(judged)} evaluation(s) against {n} reference seeds, prediction interval, false-positive rate "
+              f"{false_positive_rate:g}; worst at {samples:.0f} samples: {value:.4f} vs {mean:.4f} +- {half:.4f}")
+    last = judged[-1]
+    return Verdict(excess <= 1e-9, last[1], sum(last[2]) / n, tolerance, method)  # 1e-9: rounding of the mean
+
+
+def judge_target(device_curves: Sequence[Curve], target: float, tolerance: float, source: str) -> Verdict:
+    """The best mAP of every device run against a published target, within ``tolerance``."""
+    best = min(max(p["mAP"] for p in c if p.get("mAP") is not None) for c in device_curves)
+    return Verdict(best >= target - tolerance, best, target, tolerance, f"best mAP against the published target ({source})")
+
+
 def save_curves(path: Path, curves: Sequence[Curve], meta: Dict[str, Any]) -> None:
     """A curve file that ``--reference-curve`` reads back: {"meta": ..., "curves": [[points], ...]}."""
     atomic_write(path, json.dumps({"meta": meta, "curves": [list(c) for c in curves]}, indent=1) + "\n")
