@@ -10,9 +10,11 @@ so that vendors' lagging torch builds (>= 2.1) keep working.
 Peak memory has one meaning everywhere: the most bytes held at once since the last
 ``reset_peak_memory_stats``. On an accelerator these are the bytes torch's allocator handed out on
 the device (``max_memory_allocated``). The CPU has no allocator statistics: there it is the peak
-resident set size of the whole process (``getrusage``'s ``ru_maxrss``), which includes the
+resident set size of the whole process (Linux's VmHWM, else ``getrusage``), which includes the
 interpreter, the libraries and the data, and is rewound on Linux through ``/proc/self/clear_refs``
-(elsewhere it counts from the start of the process).
+(elsewhere it counts from the start of the process). The rewind works in a fresh process, as the
+trainer's ranks are; in CI's long pytest process it did not, so there a benchmark's CPU peak may be
+the process's peak since it started.
 
 ``cpu-alt`` is the CPU with other real kernels: oneDNN off (convolutions and their gradients take
 ATen's native kernels) and one thread (sums, norms and matmuls split their work differently). It
