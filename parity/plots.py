@@ -25,36 +25,43 @@ def plot_margins(entry: dict, path: PathLike) -> Path:
     """Writes the margin plot of one report entry (see :mod:`parity.report`) to ``path``."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
     rows = [r for r in entry.get("ops") or [] if r.get("status") != "skipped" and r.get("margin") is not None]
     order = list(range(len(rows)))
     device = [max(_value(r["margin"]), FLOOR) for r in rows]
     baseline = [max(_value(r.get("baseline_margin")), FLOOR) for r in rows]
     failed = [i for i, r in enumerate(rows) if r.get("status") == "fail"]
-    figure, axis = plt.subplots(figsize=(10, 3.6), dpi=100)
-    axis.scatter(order, baseline, s=6, color="tab:gray", alpha=0.6, label="CPU baseline")
-    axis.scatter(order, device, s=6, color="tab:blue", label=f"device ({entry.get('device')})")
+    # A bare Figure with fixed margins and line markers: no pyplot figure manager, no second draw
+    # for tight_layout, no per-point paths of scatter.
+    figure = Figure(figsize=(10, 3.6), dpi=100)
+    figure.subplots_adjust(left=0.09, right=0.99, bottom=0.14, top=0.9)
+    axis = figure.add_subplot()
+    axis.plot(order, baseline, ".", markersize=3, color="tab:gray", alpha=0.6, label="CPU baseline")
+    axis.plot(order, device, ".", markersize=3, color="tab:blue", label=f"device ({entry.get('device')})")
     if failed:
-        axis.scatter([order[i] for i in failed], [device[i] for i in failed], s=40, marker="x", color="tab:red",
-                     label=f"failed ({len(failed)})")
+        axis.plot([order[i] for i in failed], [device[i] for i in failed], "x", markersize=7, color="tab:red",
+                  label=f"failed ({len(failed)})")
     axis.axhline(1.0, color="tab:red", linewidth=1, linestyle="--")
     axis.set_yscale("log")
+    # Fixed limits: an empty log axis (a part whose every op is bit-identical) gets a readable range.
+    axis.set_ylim(FLOOR / 2, max([10.0] + [2 * m for m in device + baseline if m < float("inf")]))
+    axis.set_xlim(-1, max(len(rows), 1))
+    # Decades only, labelled as plain numbers: minor ticks and mathtext labels were most of a draw.
+    axis.yaxis.set_major_locator(LogLocator(base=10))
+    axis.yaxis.set_minor_locator(NullLocator())
+    axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     axis.set_xlabel("op in execution order (isolated replay)")
     axis.set_ylabel("error / allowed error")
     status = "pass" if entry.get("passed") else "FAIL"
     end = entry.get("worst_end_to_end_margin")
     end = f"{_value(end):.3g}" if end is not None else "- (identical)"
     axis.set_title(f"{entry.get('part')} [{entry.get('precision')} on {entry.get('device')}]: {status}, "
-                   f"{len(rows)} ops differ from the baseline, worst end-to-end margin {end}")
+                   f"{len(rows)} ops differ from the baseline, worst end-to-end margin {end}", fontsize=9)
     axis.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
     return atomic_write(path, buffer.getvalue())
 
 

@@ -207,7 +207,9 @@ def device_outputs(record: OpRecord, device: torch.device, precision: Precision,
     args, kwargs = (record.args, record.kwargs) if same_place else _to_device((record.args, record.kwargs), device)
     with precision.backend(device), (context() if context else contextlib.nullcontext()):
         out = apply_faults(faults, record.func, record.func(*args, **kwargs))
-    return [cpu_copy(t) for t in flat_outputs(out)]
+    # A CPU output is already a fresh tensor (views are not replayed, and a writing op wrote copies
+    # of the inputs), so only an accelerator's outputs are copied over.
+    return [t.detach() if t is not None and t.device.type == "cpu" else cpu_copy(t) for t in flat_outputs(out)]
 
 
 def judge_record(record: OpRecord, device_out: Sequence, golden: Golden, model: ErrorModel) -> List[OutputJudgement]:

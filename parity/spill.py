@@ -23,15 +23,20 @@ class TensorStore:
 
     def put(self, t: torch.Tensor) -> "Stored":
         """Writes ``t`` (any device; a CPU copy's storage is written) and returns its handle."""
-        copy = t.detach().to("cpu", copy=True)
-        raw = torch.empty(0, dtype=torch.uint8).set_(copy.untyped_storage())
+        t = t.detach()
+        if t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 and not (t.is_conj() or t.is_neg()):
+            # written straight from the tensor's memory: the copy below would be one more pass over it
+            raw, stride, storage_offset = t.reshape(-1).view(torch.uint8), t.stride(), 0
+        else:
+            copy = t.to("cpu", copy=True)
+            raw = torch.empty(0, dtype=torch.uint8).set_(copy.untyped_storage())
+            stride, storage_offset = copy.stride(), copy.storage_offset()
         with self._lock:
             offset = self._size
             self._file.seek(offset)
             raw.numpy().tofile(self._file)
             self._size += raw.numel()
-        return Stored(self, offset, raw.numel(), copy.dtype, tuple(copy.shape), tuple(copy.stride()),
-                      copy.storage_offset())
+        return Stored(self, offset, raw.numel(), t.dtype, tuple(t.shape), tuple(stride), storage_offset)
 
     def read(self, offset: int, nbytes: int) -> bytearray:
         buffer = bytearray(nbytes)

@@ -146,3 +146,18 @@ def test_a_spilled_trace_holds_no_tensors_and_reads_back_the_same_values_and_str
                         pytree.tree_leaves((back.args, back.kwargs, back.outputs))):
             if isinstance(a, torch.Tensor):
                 assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_the_store_gives_back_every_layout_and_dtype_unchanged_by_later_writes(dtype):
+    from parity.spill import TensorStore
+
+    base = (torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 50).to(dtype)
+    tensors = [base, base.t(), base[2:, 1:5], base[:, ::2], torch.empty(0, 3, dtype=dtype), base[3, 4]]
+    store = TensorStore()
+    handles = [store.put(t) for t in tensors]
+    expected = [t.clone() for t in tensors]
+    base.zero_()  # the store holds the values at put time, not a view of the memory
+    for h, t in zip(handles, expected):
+        back = h.load()
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
