@@ -142,6 +142,7 @@ def train_one_epoch(
     after_step: Optional[Callable[[], None]] = None,
     progress: Optional[Callable[[int, str], None]] = None,
     checks: Optional[Any] = None,
+    pause: Optional[Callable[[int, EpochStats], bool]] = None,
 ) -> EpochStats:
     """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps.
 
@@ -149,6 +150,8 @@ def train_one_epoch(
     ``progress(step, phase)`` is told where the step is, before each phase (see :data:`PHASES`).
     ``checks`` (e.g. :class:`detr.ddp_check.DDPEquivalence`) has ``before(step, samples, targets)``,
     ``after_backward(step)`` and ``after_step(step)``; their time is left out of the step's timings.
+    ``pause(step, stats)`` runs after each step with the epoch's figures so far (e.g. an evaluation
+    every N steps); its time is left out of the epoch's, and when it returns True the epoch ends.
     """
     mark = progress or (lambda step, phase: None)
     model.train()
@@ -200,6 +203,13 @@ def train_one_epoch(
                 f"(ce {losses['loss_ce'].item():.3f} bbox {losses['loss_bbox'].item():.3f} giou {losses['loss_giou'].item():.3f}) "
                 f"{stats.samples / elapsed:.1f} img/s eta {eta:.0f}s"
             )
+        if pause is not None:
+            stats.wall_time = time.perf_counter() - start - check_time
+            t0 = time.perf_counter()
+            stop = pause(step, stats)
+            check_time += time.perf_counter() - t0
+            if stop:
+                break
     stats.wall_time = time.perf_counter() - start - check_time
     stats.losses = {k: v / max(stats.steps, 1) for k, v in sums.items()}
     return stats

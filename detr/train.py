@@ -71,6 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up over the first N steps (0: none)")
     p.add_argument("--clip-max-norm", type=float, default=detr.REFERENCE.clip_max_norm)
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (0: only at the end)")
+    p.add_argument("--eval-every-steps", type=int, default=None, metavar="N",
+                   help="evaluate every N training steps, within epochs too, so that the time to the target is "
+                        "measured at the step; epochs are then evaluated only at the end unless --eval-every is given")
     p.add_argument("--target-map", type=float, default=None, help="stop once COCO AP@[.5:.95] reaches this")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--val-limit", type=int, default=None, help="evaluate only the first N validation images")
@@ -165,6 +168,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     xpu.set_current()
     synthetic = args.coco_path is None
     recipe = RECIPES["synthetic" if synthetic else "coco"]
+    if args.eval_every_steps is not None:
+        if args.eval_every_steps < 1:
+            raise SystemExit(f"--eval-every-steps {args.eval_every_steps}: expected a number of steps >= 1")
+        if args.eval_every is None:
+            args.eval_every = 0
     resolve(args, recipe)
     overrides = {**recipe["overrides"], **parse_overrides(args.override)} if args.model == recipe["model"] else parse_overrides(args.override)
     threads = args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
@@ -342,6 +350,52 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
                 "elapsed": elapsed(), "resumes": resumes,
             })
 
+    evaluated_at, stop = None, False
+
+    def evaluate_into(row: dict, epoch: int, steps: int) -> bool:
+        """Evaluates after ``steps`` steps into ``row``; True once the target mAP is first reached."""
+        nonlocal result, best, target_hit, evaluated_at
+        if fault is not None and fault.kind == "eval-crash" and info.rank == fault.rank and steps > fault.step:
+            raise RuntimeError(f"injected crash in the evaluation after step {steps - 1} on rank {info.rank} (--fail-at)")
+        t0 = time.perf_counter()
+        progress.mark(steps - 1, ORDER[-1])
+        result = evaluate(model_without_ddp, postprocess, loader_val, coco_gt, device, autocast_dtype if autocast_dtype != torch.float16 else None)
+        counters["eval_time"] += time.perf_counter() - t0
+        evaluated_at = steps
+        if result["AP"] < 0:  # pycocotools' "no ground truth": never a result
+            raise DatasetError(f"the validation split has no ground truth for the {len(dataset_val)} images evaluated "
+                               "(COCO AP -1)")
+        row["mAP"] = result["AP"]
+        row["AP50"] = result["AP50"]
+        best = result["AP"] if best is None else max(best, result["AP"])
+        log(f"epoch {epoch} step {steps} mAP {result['AP']:.4f} AP50 {result['AP50']:.4f} "
+            f"({row['images_per_s']:.1f} img/s, {row['elapsed']:.0f}s)")
+        if args.target_map is not None and target_hit is None and result["AP"] >= args.target_map:
+            target_hit = {"epoch": epoch, "steps": steps, "samples": row["samples"],
+                          "train_time": row["train_time"], "elapsed": row["elapsed"]}
+            log(f"target mAP {args.target_map} reached at step {steps} after {row['elapsed']:.0f}s: stopping")
+            return True
+        return False
+
+    def pause(step: int, stats) -> bool:
+        """--eval-every-steps: evaluates inside the epoch every N steps; True stops the epoch at the target.
+        No checkpoint is written here: a resume starts from the last epoch's end."""
+        nonlocal stop
+        steps = steps_done + step + 1
+        if not args.eval_every_steps or steps % args.eval_every_steps:
+            return False
+        wall = D.all_reduce([stats.wall_time], "max")[0]
+        row = {"epoch": epoch, "steps": steps, "samples": counters["samples"] + D.all_reduce([stats.samples])[0],
+               "train_loss": sum(stats.step_losses) / len(stats.step_losses), "train_time": counters["train_time"] + wall,
+               "elapsed": elapsed(), "images_per_s": stats.samples * info.world_size / max(stats.wall_time, 1e-9)}
+        stop = evaluate_into(row, epoch, steps)
+        model.train()  # evaluate() left the model in eval mode, halfway through an epoch
+        history.append(row)
+        if info.is_main:
+            with open(output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return stop
+
     for epoch in range(start_epoch, args.epochs):
         if pending_eval:  # trained before the interruption; only its evaluation is left
             row, pending_eval = history.pop(), False
@@ -360,7 +414,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
                 checker.offset = steps_done
             stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                     autocast_dtype, scaler, synchronize=xpu.synchronize, max_steps=remaining, log=log, after_step=warm_up,
-                                    progress=at, checks=checker)
+                                    progress=at, checks=checker, pause=pause)
             for check in checker.checks[len(checker.logged):] if checker is not None else []:
                 checker.logged.append(check)
                 log(f"DDP equivalence, step {check.step}: {'pass' if check.passed else 'FAIL'}, gradient margin "
@@ -377,28 +431,14 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
             row = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"], "train_loss": stats.losses.get("loss"),
                    "train_time": counters["train_time"], "elapsed": elapsed(),
                    "images_per_s": stats.samples * info.world_size / stats.wall_time}
-        last = epoch + 1 == args.epochs or (args.max_steps is not None and steps_done >= args.max_steps)
-        if (args.eval_every and (epoch + 1) % args.eval_every == 0) or last:
+        last = epoch + 1 == args.epochs or (args.max_steps is not None and steps_done >= args.max_steps) or stop
+        due = (args.eval_every and (epoch + 1) % args.eval_every == 0) or last
+        if due and evaluated_at != steps_done:
             checkpoint(epoch, history + [row], pending=True)
-            if fault is not None and fault.kind == "eval-crash" and info.rank == fault.rank and steps_done > fault.step:
-                raise RuntimeError(f"injected crash in the evaluation after step {steps_done - 1} on rank {info.rank} (--fail-at)")
-            t0 = time.perf_counter()
-            progress.mark(steps_done - 1, ORDER[-1])
-            result = evaluate(model_without_ddp, postprocess, loader_val, coco_gt, device, autocast_dtype if autocast_dtype != torch.float16 else None)
-            counters["eval_time"] += time.perf_counter() - t0
-            if result["AP"] < 0:  # pycocotools' "no ground truth": never a result
-                raise DatasetError(f"the validation split has no ground truth for the {len(dataset_val)} images evaluated "
-                                   "(COCO AP -1)")
-            row["mAP"] = result["AP"]
-            row["AP50"] = result["AP50"]
-            best = result["AP"] if best is None else max(best, result["AP"])
-            log(f"epoch {epoch} step {steps_done} mAP {result['AP']:.4f} AP50 {result['AP50']:.4f} "
-                f"({row['images_per_s']:.1f} img/s, {row['elapsed']:.0f}s)")
-            if args.target_map is not None and target_hit is None and result["AP"] >= args.target_map:
-                target_hit = {"epoch": epoch, "steps": steps_done, "samples": counters["samples"],
-                              "train_time": counters["train_time"], "elapsed": row["elapsed"]}
-                log(f"target mAP {args.target_map} reached at step {steps_done} after {row['elapsed']:.0f}s: stopping")
-                last = True
+            last = evaluate_into(row, epoch, steps_done) or last
+        elif evaluated_at == steps_done:  # the step's evaluation ran inside the epoch
+            row.update({k: history[-1][k] for k in ("mAP", "AP50")})
+            history.pop()
         history.append(row)
         if info.is_main:
             with open(output_dir / "log.jsonl", "a") as f:
