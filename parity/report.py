@@ -28,9 +28,14 @@ MAX_MARKDOWN_ROWS = 40
 
 
 def set_aside(path: PathLike) -> Path:
-    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path."""
+    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path.
+    A second one within the same second becomes ``<name>.corrupt-<time>-2``, not a replacement of the first."""
     path = Path(path)
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = path.with_name(stem), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{stem}-{n}")
     os.replace(path, aside)
     return aside
 

@@ -103,3 +103,14 @@ def test_report_files_are_as_readable_as_the_umask_allows(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_second_corrupt_report_in_the_same_second_does_not_replace_the_first_kept_aside(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20260101-120000")
+    for text in ('{"tests": [', "not json"):
+        (tmp_path / "parity.json").write_text(text)
+        assert "kept as" in write_report(tmp_path, [{"nodeid": "t::a", "device": "cpu", "precision": "fp32"}])["warning"]
+    kept = sorted(p.read_text() for p in tmp_path.glob("parity.json.corrupt-20260101-120000*"))
+    assert kept == sorted(['{"tests": [', "not json"])
