@@ -33,7 +33,7 @@ def test_json_and_markdown_are_written_and_load(tmp_path, results):
     clean, broken, _ = results
     paths = write_report(tmp_path / "reports", [clean.to_dict("t::clean"), broken.to_dict("t::broken")])
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == \
-        ["margins-mlp-bf16.png", "margins-mlp-fp32.png", "parity.json", "parity.md"]
+        [".parity.json.lock", "margins-mlp-bf16.png", "margins-mlp-fp32.png", "parity.json", "parity.md"]
     assert sorted(paths["plots"]) == sorted((tmp_path / "reports").glob("margins-*.png"))
     data = load_json(paths["json"])
     first, second = data["tests"]
@@ -114,3 +114,40 @@ def test_a_second_corrupt_report_in_the_same_second_does_not_replace_the_first_k
         assert "kept as" in write_report(tmp_path, [{"nodeid": "t::a", "device": "cpu", "precision": "fp32"}])["warning"]
     kept = sorted(p.read_text() for p in tmp_path.glob("parity.json.corrupt-20260101-120000*"))
     assert kept == sorted(['{"tests": [', "not json"])
+
+
+def test_two_runs_writing_one_report_at_once_lose_no_entry(tmp_path, monkeypatch):
+    import threading
+
+    from parity import report
+
+    first_read, second_wrote = threading.Event(), threading.Event()
+    load = report.load_list_or_set_aside
+
+    def load_then_let_the_second_run_write(path, field):
+        items = load(path, field)
+        if threading.current_thread().name == "first":
+            first_read.set()
+            second_wrote.wait(1.0)  # it cannot while the first holds the report
+        return items
+
+    monkeypatch.setattr(report, "load_list_or_set_aside", load_then_let_the_second_run_write)
+    entry = lambda nodeid: {"nodeid": nodeid, "device": "cpu", "precision": "fp32"}  # noqa: E731
+    first = threading.Thread(target=write_report, args=(tmp_path, [entry("t::a")]), name="first")
+    second = threading.Thread(target=lambda: (write_report(tmp_path, [entry("t::b")]), second_wrote.set()))
+    first.start()
+    assert first_read.wait(10)
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert sorted(e["nodeid"] for e in load_json(tmp_path / "parity.json")["tests"]) == ["t::a", "t::b"]
+
+
+def test_temporaries_of_a_killed_report_write_are_removed_by_the_next(tmp_path):
+    stale = [tmp_path / ".parity.json.tmp-a1b2", tmp_path / ".parity.md.tmp-c3d4"]
+    for path in stale:
+        path.write_text("half a report")
+    unrelated = tmp_path / ".training_report.json.tmp-e5f6"
+    unrelated.write_text("another writer's")
+    write_report(tmp_path, [{"nodeid": "t::a", "device": "cpu", "precision": "fp32"}])
+    assert not any(p.exists() for p in stale) and unrelated.exists()
