@@ -33,7 +33,7 @@ from .ddp_check import DDPEquivalence
 from .device import BACKENDS, VARIANTS, Device, DeviceError, collective_device, import_plugins
 from .device import resolve as resolve_device
 from .engine import PHASES, evaluate, train_one_epoch
-from .files import TMP_GLOB, atomic_save, atomic_write
+from .files import atomic_save, atomic_write, remove_temporaries
 from .misc import collate_fn
 from .train_faults import GRAD_KINDS, FaultyAllReduce, FaultyCriterion, TrainFault
 
@@ -280,8 +280,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:  # left by a run killed while writing; only one job writes to an output folder
-        for stale in output_dir.glob(TMP_GLOB):
-            stale.unlink(missing_ok=True)
+        remove_temporaries(output_dir, "*")
     start_epoch, steps_done, history, step_losses = 0, 0, [], []
     earlier, resumes = 0.0, []  # seconds of the runs before a resume, up to their checkpoint
     counters = {"samples": 0.0, "train_time": 0.0, "eval_time": 0.0, "core_time": 0.0}
@@ -302,6 +301,9 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         torch.set_rng_state(ckpt["rng"][info.rank])
         log(f"resumed from {args.resume} at epoch {start_epoch}, step {steps_done}"
             + (" (its evaluation first)" if pending_eval else ""))
+    if fault is not None and fault.kind != "eval-crash" and fault.step < steps_done:
+        raise SystemExit(f"--fail-at {args.fail_at}: this run resumes at step {steps_done} ({args.resume}), "
+                         "so the fault would never fire")
     if fault is not None:
         criterion = FaultyCriterion(criterion, fault, info.rank, first_step=steps_done)
 

@@ -58,6 +58,10 @@ def test_a_failed_evaluation_loses_no_training(tmp_path):
     assert failed.returncode == 1 and "injected crash in the evaluation after step 5" in failed.stderr
     checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
     assert (checkpoint["epoch"], checkpoint["steps"], checkpoint["pending_eval"]) == (0, 6, True)
+    # a step that the checkpoint has already passed would never fire either
+    late = run(tmp_path / "cut", *SMALL, "--resume", str(tmp_path / "cut" / "checkpoint.pth"), "--fail-at", "0:2:crash")
+    assert late.returncode == 1 and "--fail-at 0:2:crash: this run resumes at step 6 (" in late.stderr, late.stderr[-2000:]
+    assert "so the fault would never fire" in late.stderr and "epoch 0 step" not in late.stdout
     resumed = run(tmp_path / "cut", *SMALL, "--resume", str(tmp_path / "cut" / "checkpoint.pth"))
     assert resumed.returncode == 0 and "(its evaluation first)" in resumed.stdout, resumed.stderr[-2000:]
     straight = run(tmp_path / "straight", *SMALL)
