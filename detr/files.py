@@ -53,7 +53,8 @@ def _umask() -> int:
 @contextlib.contextmanager
 def locked(path: PathLike) -> Iterator[None]:
     """Holds an exclusive lock for ``path`` (on ``.<name>.lock`` beside it) while a run reads, merges
-    and rewrites it; other runs wait. Without ``fcntl`` (Windows) it does not lock."""
+    and rewrites it; other runs wait. Without ``fcntl`` (Windows), or where the file system refuses
+    the lock, it does not lock: the writes stay atomic, only a concurrent run's rows may be lost."""
     try:
         import fcntl
     except ImportError:
@@ -61,12 +62,17 @@ def locked(path: PathLike) -> Iterator[None]:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file (their umask): reading it is enough to lock it
+        fd = os.open(lock, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def remove_temporaries(folder: PathLike, names: str) -> List[Path]:
