@@ -146,6 +146,16 @@ def resolve(args: argparse.Namespace, recipe: Dict[str, Any]) -> None:
             setattr(args, key, value)
 
 
+def check_fault_ranks(fault: Optional[TrainFault], spec: str, info: D.DistInfo) -> None:
+    """A ``--fail-at`` on a rank the job does not have is refused at once, before any data is read."""
+    if fault is None:
+        return
+    if fault.rank >= info.world_size:
+        raise SystemExit(f"--fail-at {spec}: this run has rank(s) 0..{info.world_size - 1}, so the fault would never fire")
+    if fault.kind in GRAD_KINDS and not info.enabled:
+        raise SystemExit(f"--fail-at {spec}: a gradient all-reduce fault needs a multi-rank job")
+
+
 @record
 def main(argv: Optional[List[str]] = None) -> dict:
     process_start = D.process_start_time()
@@ -157,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         except ValueError as exc:
             raise SystemExit(str(exc)) from exc
     info = D.dist_info_from_env()
+    check_fault_ranks(fault, args.fail_at, info)
     try:
         import_plugins(args.plugin, option="--plugin")
         xpu = resolve_device(args.device, index=info.local_rank, option="--device", plugin_option="--plugin")
@@ -226,8 +237,6 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     model_without_ddp = model
     grad_fault = None
     if fault is not None and fault.kind in GRAD_KINDS:
-        if not info.enabled:
-            raise SystemExit(f"--fail-at {args.fail_at}: a gradient all-reduce fault needs a multi-rank job")
         grad_fault = FaultyAllReduce(fault, info.rank, info.world_size)
     if info.enabled:
         device_ids = [device.index] if xpu.accelerator else None
@@ -265,9 +274,8 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
                          f"on each of {info.world_size} rank(s)")
     if fault is not None:
         planned = len(loader_train) * args.epochs if args.max_steps is None else min(args.max_steps, len(loader_train) * args.epochs)
-        if fault.rank >= info.world_size or fault.step >= planned:
-            raise SystemExit(f"--fail-at {args.fail_at}: this run has rank(s) 0..{info.world_size - 1} and steps "
-                             f"0..{planned - 1}, so the fault would never fire")
+        if fault.step >= planned:
+            raise SystemExit(f"--fail-at {args.fail_at}: this run has steps 0..{planned - 1}, so the fault would never fire")
     # Bad data fails here, before the first step, not at the first evaluation an epoch later. Each
     # rank reads the headers of its share of the training images and decodes its validation images.
     t0 = time.perf_counter()

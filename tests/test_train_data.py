@@ -48,9 +48,14 @@ def test_a_split_without_ground_truth_is_refused(tmp_path, coco):
 
 def test_a_fault_that_cannot_fire_is_a_usage_error(tmp_path):
     result = run(tmp_path / "out", *SMALL, "--fail-at", "7:1:crash", timeout=120)
-    assert result.returncode == 1 and "--fail-at 7:1:crash: this run has rank(s) 0..0 and steps 0..5" in result.stderr
+    assert result.returncode == 1 and "--fail-at 7:1:crash: this run has rank(s) 0..0, so the fault would never fire" \
+        in result.stderr, result.stderr[-2000:]
+    # refused before any data is read (on COCO that takes minutes), so a missing folder is not what it reports
+    result = run(tmp_path / "out", *SMALL, "--fail-at", "7:1:crash", "--coco-path", str(tmp_path / "missing"), timeout=120)
+    assert result.returncode == 1 and "--fail-at 7:1:crash: this run has rank(s) 0..0" in result.stderr, result.stderr[-2000:]
     result = run(tmp_path / "out", *SMALL, "--fail-at", "0:6:nan", timeout=120)
-    assert result.returncode == 1 and "so the fault would never fire" in result.stderr
+    assert result.returncode == 1 and "--fail-at 0:6:nan: this run has steps 0..5, so the fault would never fire" \
+        in result.stderr, result.stderr[-2000:]
 
 
 def test_a_failed_evaluation_loses_no_training(tmp_path):
