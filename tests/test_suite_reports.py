@@ -51,7 +51,7 @@ def test_margins_are_plotted_and_cpu_alt_is_a_device(tmp_path):
     result = run_suite(tmp_path, "--xpu", "cpu-alt", tests=("suite/test_transformer.py",))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "device under test: cpu-alt" in result.stdout and "worst op margin" in result.stdout
-    assert (tmp_path / "margins-transformer-fp32.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "margins-transformer-fp32-cpu-alt.png").read_bytes()[:4] == b"\x89PNG"
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["device"] == "cpu-alt" and 0 < entry["worst_op_margin"] <= 1
 

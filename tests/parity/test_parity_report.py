@@ -33,7 +33,7 @@ def test_json_and_markdown_are_written_and_load(tmp_path, results):
     clean, broken, _ = results
     paths = write_report(tmp_path / "reports", [clean.to_dict("t::clean"), broken.to_dict("t::broken")])
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == \
-        [".parity.json.lock", "margins-mlp-bf16.png", "margins-mlp-fp32.png", "parity.json", "parity.md"]
+        [".parity.json.lock", "margins-mlp-bf16-cpu.png", "margins-mlp-fp32-cpu.png", "parity.json", "parity.md"]
     assert sorted(paths["plots"]) == sorted((tmp_path / "reports").glob("margins-*.png"))
     data = load_json(paths["json"])
     first, second = data["tests"]
@@ -151,3 +151,11 @@ def test_temporaries_of_a_killed_report_write_are_removed_by_the_next(tmp_path):
     unrelated.write_text("another writer's")
     write_report(tmp_path, [{"nodeid": "t::a", "device": "cpu", "precision": "fp32"}])
     assert not any(p.exists() for p in stale) and unrelated.exists()
+
+
+def test_runs_on_two_devices_keep_both_margin_plots(tmp_path, results):
+    _, _, other = results
+    write_report(tmp_path, [other.to_dict("t::a")])
+    write_report(tmp_path, [{**other.to_dict("t::a"), "device": "cuda:1"}])
+    assert [e["device"] for e in load_json(tmp_path / "parity.json")["tests"]] == ["cpu", "cuda:1"]
+    assert sorted(p.name for p in tmp_path.glob("margins-*.png")) == ["margins-mlp-fp32-cpu.png", "margins-mlp-fp32-cuda-1.png"]
