@@ -151,7 +151,8 @@ def check_fault_ranks(fault: Optional[TrainFault], spec: str, info: D.DistInfo) 
     if fault is None:
         return
     if fault.rank >= info.world_size:
-        raise SystemExit(f"--fail-at {spec}: this run has rank(s) 0..{info.world_size - 1}, so the fault would never fire")
+        raise SystemExit(f"--fail-at {spec}: this run has rank(s) 0..{info.world_size - 1}, "
+                         "so the fault would never fire")
     if fault.kind in GRAD_KINDS and not info.enabled:
         raise SystemExit(f"--fail-at {spec}: a gradient all-reduce fault needs a multi-rank job")
 
@@ -275,7 +276,8 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     if fault is not None:
         planned = len(loader_train) * args.epochs if args.max_steps is None else min(args.max_steps, len(loader_train) * args.epochs)
         if fault.step >= planned:
-            raise SystemExit(f"--fail-at {args.fail_at}: this run has steps 0..{planned - 1}, so the fault would never fire")
+            raise SystemExit(f"--fail-at {args.fail_at}: this run has steps 0..{planned - 1}, "
+                             "so the fault would never fire")
     # Bad data fails here, before the first step, not at the first evaluation an epoch later. Each
     # rank reads the headers of its share of the training images and decodes its validation images.
     t0 = time.perf_counter()

@@ -111,7 +111,8 @@ def test_a_second_corrupt_report_in_the_same_second_does_not_replace_the_first_k
     monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20260101-120000")
     for text in ('{"tests": [', "not json"):
         (tmp_path / "parity.json").write_text(text)
-        assert "kept as" in write_report(tmp_path, [{"nodeid": "t::a", "device": "cpu", "precision": "fp32"}])["warning"]
+        entry = {"nodeid": "t::a", "device": "cpu", "precision": "fp32"}
+        assert "kept as" in write_report(tmp_path, [entry])["warning"]
     kept = sorted(p.read_text() for p in tmp_path.glob("parity.json.corrupt-20260101-120000*"))
     assert kept == sorted(['{"tests": [', "not json"])
 
@@ -158,4 +159,5 @@ def test_runs_on_two_devices_keep_both_margin_plots(tmp_path, results):
     write_report(tmp_path, [other.to_dict("t::a")])
     write_report(tmp_path, [{**other.to_dict("t::a"), "device": "cuda:1"}])
     assert [e["device"] for e in load_json(tmp_path / "parity.json")["tests"]] == ["cpu", "cuda:1"]
-    assert sorted(p.name for p in tmp_path.glob("margins-*.png")) == ["margins-mlp-fp32-cpu.png", "margins-mlp-fp32-cuda-1.png"]
+    assert sorted(p.name for p in tmp_path.glob("margins-*.png")) == \
+        ["margins-mlp-fp32-cpu.png", "margins-mlp-fp32-cuda-1.png"]
