@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .device import backend_for, collective_device
-from .files import atomic_write
+from .files import atomic_write, remove_temporaries
 from .misc import is_dist_avail_and_initialized
 
 
@@ -128,6 +128,7 @@ class Progress:
             stale += [p for p in self.folder.glob("rank*.json") if _rank_of(p) >= world_size]
         for path in stale:
             path.unlink(missing_ok=True)
+        remove_temporaries(self.folder, f"rank{rank}.*")  # a mark being written when the rank was killed
 
     def mark(self, step: int, phase: str) -> None:
         self.last = {"rank": self.rank, "step": step, "phase": phase, "time": time.time()}

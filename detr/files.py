@@ -2,12 +2,15 @@
 temporary file in the target's folder and renamed over it, so that a reader, a resumed run or a
 crash sees the old file or the new one, never a part. Files are as readable as the umask allows
 (``mkstemp`` alone makes them 0600, unreadable to the group that shares the results).
+
+A file that runs read, merge and rewrite (the reports) is changed under :func:`locked`, so that two
+runs that finish at once both keep their rows, and what a killed writer left is removed there.
 """
 import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 # Temporaries are named ".<name>.tmp-<random>": a run that starts cleans up what a killed one left.
@@ -45,3 +48,39 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def locked(path: PathLike) -> Iterator[None]:
+    """Holds an exclusive lock for ``path`` (on ``.<name>.lock`` beside it) while a run reads, merges
+    and rewrites it; other runs wait. Without ``fcntl`` (Windows), or where the file system refuses
+    the lock, it does not lock: the writes stay atomic, only a concurrent run's rows may be lost."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file (their umask): reading it is enough to lock it
+        fd = os.open(lock, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_temporaries(folder: PathLike, names: str) -> List[Path]:
+    """Deletes the temporaries of the files matching the glob ``names`` in ``folder``, which killed
+    writers left behind; only safe while no other writer of those files can run (under
+    :func:`locked`, or at the start of a job that owns the folder). Returns what it removed."""
+    stale = list(Path(folder).glob(f".{names}.tmp-*"))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale

@@ -33,7 +33,7 @@ from .ddp_check import DDPEquivalence
 from .device import BACKENDS, VARIANTS, Device, DeviceError, collective_device, import_plugins
 from .device import resolve as resolve_device
 from .engine import PHASES, evaluate, train_one_epoch
-from .files import TMP_GLOB, atomic_save, atomic_write
+from .files import atomic_save, atomic_write, remove_temporaries
 from .misc import collate_fn
 from .train_faults import GRAD_KINDS, FaultyAllReduce, FaultyCriterion, TrainFault
 
@@ -149,6 +149,17 @@ def resolve(args: argparse.Namespace, recipe: Dict[str, Any]) -> None:
             setattr(args, key, value)
 
 
+def check_fault_ranks(fault: Optional[TrainFault], spec: str, info: D.DistInfo) -> None:
+    """A ``--fail-at`` on a rank the job does not have is refused at once, before any data is read."""
+    if fault is None:
+        return
+    if fault.rank >= info.world_size:
+        raise SystemExit(f"--fail-at {spec}: this run has rank(s) 0..{info.world_size - 1}, "
+                         "so the fault would never fire")
+    if fault.kind in GRAD_KINDS and not info.enabled:
+        raise SystemExit(f"--fail-at {spec}: a gradient all-reduce fault needs a multi-rank job")
+
+
 @record
 def main(argv: Optional[List[str]] = None) -> dict:
     process_start = D.process_start_time()
@@ -160,6 +171,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         except ValueError as exc:
             raise SystemExit(str(exc)) from exc
     info = D.dist_info_from_env()
+    check_fault_ranks(fault, args.fail_at, info)
     try:
         import_plugins(args.plugin, option="--plugin")
         xpu = resolve_device(args.device, index=info.local_rank, option="--device", plugin_option="--plugin")
@@ -234,8 +246,6 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     model_without_ddp = model
     grad_fault = None
     if fault is not None and fault.kind in GRAD_KINDS:
-        if not info.enabled:
-            raise SystemExit(f"--fail-at {args.fail_at}: a gradient all-reduce fault needs a multi-rank job")
         grad_fault = FaultyAllReduce(fault, info.rank, info.world_size)
     if info.enabled:
         device_ids = [device.index] if xpu.accelerator else None
@@ -273,9 +283,9 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
                          f"on each of {info.world_size} rank(s)")
     if fault is not None:
         planned = len(loader_train) * args.epochs if args.max_steps is None else min(args.max_steps, len(loader_train) * args.epochs)
-        if fault.rank >= info.world_size or fault.step >= planned:
-            raise SystemExit(f"--fail-at {args.fail_at}: this run has rank(s) 0..{info.world_size - 1} and steps "
-                             f"0..{planned - 1}, so the fault would never fire")
+        if fault.step >= planned:
+            raise SystemExit(f"--fail-at {args.fail_at}: this run has steps 0..{planned - 1}, "
+                             "so the fault would never fire")
     # Bad data fails here, before the first step, not at the first evaluation an epoch later. Each
     # rank reads the headers of its share of the training images and decodes its validation images.
     t0 = time.perf_counter()
@@ -288,8 +298,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:  # left by a run killed while writing; only one job writes to an output folder
-        for stale in output_dir.glob(TMP_GLOB):
-            stale.unlink(missing_ok=True)
+        remove_temporaries(output_dir, "*")
     start_epoch, steps_done, history, step_losses = 0, 0, [], []
     earlier, resumes = 0.0, []  # seconds of the runs before a resume, up to their checkpoint
     counters = {"samples": 0.0, "train_time": 0.0, "eval_time": 0.0, "core_time": 0.0}
@@ -310,6 +319,9 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         torch.set_rng_state(ckpt["rng"][info.rank])
         log(f"resumed from {args.resume} at epoch {start_epoch}, step {steps_done}"
             + (" (its evaluation first)" if pending_eval else ""))
+    if fault is not None and fault.kind != "eval-crash" and fault.step < steps_done:
+        raise SystemExit(f"--fail-at {args.fail_at}: this run resumes at step {steps_done} ({args.resume}), "
+                         "so the fault would never fire")
     if fault is not None:
         criterion = FaultyCriterion(criterion, fault, info.rank, first_step=steps_done)
 

@@ -17,8 +17,10 @@ def _value(v) -> float:
 
 
 def plot_filename(entry: dict) -> str:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{entry.get('part')}-{entry.get('precision')}").strip("-").lower()
-    return f"margins-{slug}.png"
+    """``margins-<part>-<precision>-<device>.png``: one plot per report entry's key, so that the
+    plots of a report that accumulates runs on several devices do not replace each other."""
+    key = f"{entry.get('part')}-{entry.get('precision')}-{entry.get('device')}"
+    return f"margins-{re.sub(r'[^A-Za-z0-9]+', '-', key).strip('-').lower()}.png"
 
 
 def plot_margins(entry: dict, path: PathLike) -> Path:

@@ -2,7 +2,8 @@
 ``os.replace``, readable as the umask allows): JSON for machines, Markdown for people, plus one
 terminal line per (part, precision). Runs accumulate: an entry replaces the earlier one of the same
 node id, device and precision, every entry carries the time it was written, and a report that
-cannot be read is kept aside as ``*.corrupt-<time>``, never overwritten.
+cannot be read is kept aside as ``*.corrupt-<time>``, never overwritten. Sessions that write one
+report at once take turns (:func:`detr.files.locked`).
 
 A report is ``{"tests": [entry, ...]}``; an entry is :meth:`parity.compare.PartResult.to_dict`:
 ``nodeid, part, device, precision, passed, ops_checked, ops_identical, ops_skipped, worst_op_margin,
@@ -22,15 +23,20 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from detr.files import PathLike, atomic_write
+from detr.files import PathLike, atomic_write, locked, remove_temporaries
 
 MAX_MARKDOWN_ROWS = 40
 
 
 def set_aside(path: PathLike) -> Path:
-    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path."""
+    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path.
+    A second one within the same second becomes ``<name>.corrupt-<time>-2``, not a replacement of the first."""
     path = Path(path)
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = path.with_name(stem), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{stem}-{n}")
     os.replace(path, aside)
     return aside
 
@@ -195,14 +201,17 @@ def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity"
     tests = [{**_entry(t), "time": written} for t in tests]
     directory = Path(directory)
     warning = None
-    try:
-        existing = load_list_or_set_aside(directory / f"{name}.json", "tests")
-    except CorruptReport as exc:
-        existing, warning = [], str(exc)
-    entries = merge_entries(existing, tests)
-    return {"json": write_json(directory / f"{name}.json", entries),
-            "markdown": write_markdown(directory / f"{name}.md", entries),
-            "plots": write_plots(directory, tests), "entries": entries, "warning": warning}
+    with locked(directory / f"{name}.json"):  # another session may be adding to the same report
+        for names in (f"{name}.json", f"{name}.md", "margins-*.png"):
+            remove_temporaries(directory, names)
+        try:
+            existing = load_list_or_set_aside(directory / f"{name}.json", "tests")
+        except CorruptReport as exc:
+            existing, warning = [], str(exc)
+        entries = merge_entries(existing, tests)
+        return {"json": write_json(directory / f"{name}.json", entries),
+                "markdown": write_markdown(directory / f"{name}.md", entries),
+                "plots": write_plots(directory, tests), "entries": entries, "warning": warning}
 
 
 def summary_lines(tests: Iterable[Any]) -> List[str]:

@@ -31,3 +31,35 @@ def test_torch_save_round_trip_and_temporaries_match_the_cleanup_glob(tmp_path, 
         atomic_write(path, "x")
     assert len(seen) == 1 and fnmatch.fnmatch(os.path.basename(seen[0]), TMP_GLOB)
     assert list(tmp_path.glob(TMP_GLOB)) == []
+
+
+def test_a_lock_file_that_another_user_made_read_only_still_locks(tmp_path, monkeypatch):
+    """In a group's shared report folder the lock file is another user's, 0644 under umask 022; the
+    kernel refuses them write access (simulated: the tests may run as root, whom it never refuses)."""
+    import builtins
+    import fcntl
+
+    from detr.files import locked
+
+    lock = tmp_path / ".parity.json.lock"
+    lock.touch(mode=0o644)
+    real_os_open, real_open = os.open, builtins.open
+
+    def refuse_writing(path, writing):
+        if os.path.abspath(path) == str(lock) and writing:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def os_open(path, flags, *mode):
+        refuse_writing(path, flags & (os.O_WRONLY | os.O_RDWR))
+        return real_os_open(path, flags, *mode)
+
+    def open_(path, mode="r", *args, **kwargs):
+        refuse_writing(path, isinstance(path, (str, os.PathLike)) and any(c in mode for c in "wax+"))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    with locked(tmp_path / "parity.json"):
+        with real_open(lock) as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -51,7 +51,7 @@ def test_margins_are_plotted_and_cpu_alt_is_a_device(tmp_path):
     result = run_suite(tmp_path, "--xpu", "cpu-alt", tests=("suite/test_transformer.py",))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "device under test: cpu-alt" in result.stdout and "worst op margin" in result.stdout
-    assert (tmp_path / "margins-transformer-fp32.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "margins-transformer-fp32-cpu-alt.png").read_bytes()[:4] == b"\x89PNG"
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["device"] == "cpu-alt" and 0 < entry["worst_op_margin"] <= 1
 
@@ -83,3 +83,23 @@ def test_coco_path_feeds_the_parity_batch_and_is_checked_before_any_test(tmp_pat
     (tmp_path / "empty").mkdir()
     empty = run_suite(tmp_path / "r", "--coco-path", str(tmp_path / "empty"))
     assert empty.returncode == 4 and "val2017 does not exist" in empty.stderr, empty.stderr[-2000:]
+
+
+class _Options:
+    """The options a session was started with, as a pytest config answers them."""
+
+    def __init__(self, **given):
+        self.values = {"--model-config": "tiny", "--report-dir": "my reports", "--xpu-plugin": ["torch_acme"],
+                       "--coco-path": None, "--expectations": None, **given}
+
+    def getoption(self, name):
+        return self.values[name]
+
+
+def test_the_rerun_command_carries_every_option_that_shaped_the_run():
+    from fixtures.parity import rerun_options
+
+    assert rerun_options(_Options()) == "--model-config=tiny --report-dir='my reports' --xpu-plugin=torch_acme"
+    # an expectations file decides whether a failure is expected, which the report records
+    assert rerun_options(_Options(**{"--coco-path": "/data/coco", "--expectations": "acme.txt"})).endswith(
+        " --coco-path=/data/coco --expectations=acme.txt")

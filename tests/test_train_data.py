@@ -48,9 +48,16 @@ def test_a_split_without_ground_truth_is_refused(tmp_path, coco):
 
 def test_a_fault_that_cannot_fire_is_a_usage_error(tmp_path):
     result = run(tmp_path / "out", *SMALL, "--fail-at", "7:1:crash", timeout=120)
-    assert result.returncode == 1 and "--fail-at 7:1:crash: this run has rank(s) 0..0 and steps 0..5" in result.stderr
+    assert result.returncode == 1 and "--fail-at 7:1:crash: this run has rank(s) 0..0, so the fault would never fire" \
+        in result.stderr, result.stderr[-2000:]
+    # refused before any data is read (on COCO that takes minutes), so a missing folder is not what it reports
+    result = run(tmp_path / "out", *SMALL, "--fail-at", "7:1:crash", "--coco-path", str(tmp_path / "missing"),
+                 timeout=120)
+    assert result.returncode == 1 and "--fail-at 7:1:crash: this run has rank(s) 0..0" in result.stderr, \
+        result.stderr[-2000:]
     result = run(tmp_path / "out", *SMALL, "--fail-at", "0:6:nan", timeout=120)
-    assert result.returncode == 1 and "so the fault would never fire" in result.stderr
+    assert result.returncode == 1 and "--fail-at 0:6:nan: this run has steps 0..5, so the fault would never fire" \
+        in result.stderr, result.stderr[-2000:]
 
 
 def test_a_failed_evaluation_loses_no_training(tmp_path):
@@ -58,6 +65,11 @@ def test_a_failed_evaluation_loses_no_training(tmp_path):
     assert failed.returncode == 1 and "injected crash in the evaluation after step 5" in failed.stderr
     checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
     assert (checkpoint["epoch"], checkpoint["steps"], checkpoint["pending_eval"]) == (0, 6, True)
+    # a step that the checkpoint has already passed would never fire either
+    late = run(tmp_path / "cut", *SMALL, "--resume", str(tmp_path / "cut" / "checkpoint.pth"), "--fail-at", "0:2:crash")
+    assert late.returncode == 1 and "--fail-at 0:2:crash: this run resumes at step 6 (" in late.stderr, \
+        late.stderr[-2000:]
+    assert "so the fault would never fire" in late.stderr and "epoch 0 step" not in late.stdout
     resumed = run(tmp_path / "cut", *SMALL, "--resume", str(tmp_path / "cut" / "checkpoint.pth"))
     assert resumed.returncode == 0 and "(its evaluation first)" in resumed.stdout, resumed.stderr[-2000:]
     straight = run(tmp_path / "straight", *SMALL)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from detr.files import TMP_GLOB
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--device", "cpu", "--train-limit", "12", "--val-limit", "8", "--batch-size", "2", "--threads", "1", "--seed", "7"]
 
@@ -38,7 +40,10 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
 def test_temporary_files_of_a_killed_write_are_cleaned_at_start(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    stale = out / ".checkpoint.pth.tmp-99999"
-    stale.write_bytes(b"half a checkpoint")
+    (out / "ranks").mkdir(parents=True)
+    stale = [out / ".checkpoint.pth.tmp-99999", out / "ranks" / ".rank0.json.tmp-abc123"]
+    for path in stale:
+        path.write_bytes(b"half a file")
     train(out, "--epochs", "1", "--max-steps", "1")
-    assert not stale.exists() and (out / "checkpoint.pth").exists()
+    assert not any(path.exists() for path in stale) and (out / "checkpoint.pth").exists()
+    assert not list(out.rglob(TMP_GLOB))

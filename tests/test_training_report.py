@@ -50,7 +50,14 @@ def test_write_report_merges_with_the_files_of_earlier_runs(tmp_path):
     data = json.loads((tmp_path / JSON_NAME).read_text())
     assert [r["config"] for r in data["rows"]] == ["1x1", "2x8"] and data["environment"] == ENV
     assert "| CPU 2x8 |" in (tmp_path / MD_NAME).read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [JSON_NAME, MD_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{JSON_NAME}.lock", JSON_NAME, MD_NAME]
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next(tmp_path):
+    stale = tmp_path / f".{JSON_NAME}.tmp-x1y2"
+    stale.write_text('{"rows": [')
+    write_report(tmp_path, row("1x1"), ENV)
+    assert not stale.exists() and len(load_rows(tmp_path / JSON_NAME)) == 1
 
 
 def test_an_unreadable_report_is_kept_aside_not_overwritten(tmp_path):

@@ -1,13 +1,14 @@
 """The training report: one JSON row per configuration run, merged across runs, and a Markdown page in
 the layout of FlagPerf's vendor pages (environment, general metrics, performance table, convergence).
 
-Both files are rewritten atomically after every run; a report file that cannot be read is kept
-aside under a new name, never overwritten.
+Both files are rewritten atomically after every run, one session at a time; a report file that cannot
+be read is kept aside under a new name, never overwritten.
 """
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from detr.files import locked, remove_temporaries
 from parity.report import CorruptReport, atomic_write, load_list_or_set_aside
 
 JSON_NAME = "training_report.json"
@@ -162,11 +163,14 @@ def write_report(report_dir: Path, row: Dict[str, Any], environment: Dict[str, A
     the rows and a warning when an unreadable earlier report had to be set aside."""
     report_dir.mkdir(parents=True, exist_ok=True)
     warning = None
-    try:
-        existing = load_rows(report_dir / JSON_NAME)
-    except CorruptReport as exc:
-        existing, warning = [], str(exc)
-    rows = merge_rows(existing, row)
-    atomic_write(report_dir / JSON_NAME, json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")
-    atomic_write(report_dir / MD_NAME, render_markdown(rows, environment))
+    with locked(report_dir / JSON_NAME):  # another session may be adding its row
+        for name in (JSON_NAME, MD_NAME):
+            remove_temporaries(report_dir, name)
+        try:
+            existing = load_rows(report_dir / JSON_NAME)
+        except CorruptReport as exc:
+            existing, warning = [], str(exc)
+        rows = merge_rows(existing, row)
+        atomic_write(report_dir / JSON_NAME, json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")
+        atomic_write(report_dir / MD_NAME, render_markdown(rows, environment))
     return rows, warning

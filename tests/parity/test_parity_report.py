@@ -33,7 +33,7 @@ def test_json_and_markdown_are_written_and_load(tmp_path, results):
     clean, broken, _ = results
     paths = write_report(tmp_path / "reports", [clean.to_dict("t::clean"), broken.to_dict("t::broken")])
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == \
-        ["margins-mlp-bf16.png", "margins-mlp-fp32.png", "parity.json", "parity.md"]
+        [".parity.json.lock", "margins-mlp-bf16-cpu.png", "margins-mlp-fp32-cpu.png", "parity.json", "parity.md"]
     assert sorted(paths["plots"]) == sorted((tmp_path / "reports").glob("margins-*.png"))
     data = load_json(paths["json"])
     first, second = data["tests"]
@@ -103,3 +103,61 @@ def test_report_files_are_as_readable_as_the_umask_allows(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_second_corrupt_report_in_the_same_second_does_not_replace_the_first_kept_aside(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20260101-120000")
+    for text in ('{"tests": [', "not json"):
+        (tmp_path / "parity.json").write_text(text)
+        entry = {"nodeid": "t::a", "device": "cpu", "precision": "fp32"}
+        assert "kept as" in write_report(tmp_path, [entry])["warning"]
+    kept = sorted(p.read_text() for p in tmp_path.glob("parity.json.corrupt-20260101-120000*"))
+    assert kept == sorted(['{"tests": [', "not json"])
+
+
+def test_two_runs_writing_one_report_at_once_lose_no_entry(tmp_path, monkeypatch):
+    import threading
+
+    from parity import report
+
+    first_read, second_wrote = threading.Event(), threading.Event()
+    load = report.load_list_or_set_aside
+
+    def load_then_let_the_second_run_write(path, field):
+        items = load(path, field)
+        if threading.current_thread().name == "first":
+            first_read.set()
+            second_wrote.wait(1.0)  # it cannot while the first holds the report
+        return items
+
+    monkeypatch.setattr(report, "load_list_or_set_aside", load_then_let_the_second_run_write)
+    entry = lambda nodeid: {"nodeid": nodeid, "device": "cpu", "precision": "fp32"}  # noqa: E731
+    first = threading.Thread(target=write_report, args=(tmp_path, [entry("t::a")]), name="first")
+    second = threading.Thread(target=lambda: (write_report(tmp_path, [entry("t::b")]), second_wrote.set()))
+    first.start()
+    assert first_read.wait(10)
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert sorted(e["nodeid"] for e in load_json(tmp_path / "parity.json")["tests"]) == ["t::a", "t::b"]
+
+
+def test_temporaries_of_a_killed_report_write_are_removed_by_the_next(tmp_path):
+    stale = [tmp_path / ".parity.json.tmp-a1b2", tmp_path / ".parity.md.tmp-c3d4"]
+    for path in stale:
+        path.write_text("half a report")
+    unrelated = tmp_path / ".training_report.json.tmp-e5f6"
+    unrelated.write_text("another writer's")
+    write_report(tmp_path, [{"nodeid": "t::a", "device": "cpu", "precision": "fp32"}])
+    assert not any(p.exists() for p in stale) and unrelated.exists()
+
+
+def test_runs_on_two_devices_keep_both_margin_plots(tmp_path, results):
+    _, _, other = results
+    write_report(tmp_path, [other.to_dict("t::a")])
+    write_report(tmp_path, [{**other.to_dict("t::a"), "device": "cuda:1"}])
+    assert [e["device"] for e in load_json(tmp_path / "parity.json")["tests"]] == ["cpu", "cuda:1"]
+    assert sorted(p.name for p in tmp_path.glob("margins-*.png")) == \
+        ["margins-mlp-fp32-cpu.png", "margins-mlp-fp32-cuda-1.png"]
