@@ -188,8 +188,8 @@ def _check_op(op: str, spec: str) -> None:
 
 def is_view_op(func: torch._ops.OpOverload) -> bool:
     """True for ops whose every output aliases an input without writing it (view, t, split...)."""
-    returns = func._schema.returns
-    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    returns = compat.return_aliases(func)
+    return bool(returns) and all(write is False for write in returns)
 
 
 def apply_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, outputs):

@@ -24,7 +24,7 @@ class TensorStore:
     def put(self, t: torch.Tensor) -> "Stored":
         """Writes ``t`` (any device; a CPU copy's storage is written) and returns its handle."""
         copy = t.detach().to("cpu", copy=True)
-        raw = torch.empty(0, dtype=torch.uint8).set_(copy.untyped_storage())
+        raw = torch.empty(0, dtype=torch.uint8).set_(compat.untyped_storage(copy))
         with self._lock:
             offset = self._size
             self._file.seek(offset)

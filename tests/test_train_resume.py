@@ -4,7 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+
+from detr import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--device", "cpu", "--train-limit", "12", "--val-limit", "8", "--batch-size", "2", "--threads", "1", "--seed", "7"]
@@ -27,7 +28,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert resumed["step_losses"] == straight["step_losses"]
     assert [p["mAP"] for p in resumed["curve"]] == [p["mAP"] for p in straight["curve"]]
     assert resumed["samples"] == straight["samples"] == 24
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
+    checkpoint = compat.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["steps"] == 12
     # time adds up across the resume, which the result records
     assert [r["epoch"] for r in resumed["resumed"]] == [0] and straight["resumed"] == []
