@@ -20,7 +20,7 @@ from torch.utils import _python_dispatch
 
 __all__ = ["TorchDispatchMode", "TorchFunctionMode", "benchmark_stats", "cuda_driver_api_version",
            "current_autograd_node", "disable_current_modes", "fallbacks", "flop_counter", "grad_scaler",
-           "is_nondeterministic_seeded", "load", "named_leaves", "privateuse1_backend_name", "reroot", "return_aliases", "session_of",
+           "is_nondeterministic_seeded", "itemsize", "load", "named_leaves", "privateuse1_backend_name", "reroot", "return_aliases", "session_of",
            "tree_leaves", "tree_map", "untyped_storage", "written_arguments"]
 _FALLBACKS: Dict[str, str] = {}
 
@@ -152,7 +152,8 @@ def _is_write(alias_info: Any) -> Optional[bool]:
     return None if alias_info is None else bool(alias_info.is_write)
 
 
-_ANNOTATION = re.compile(r"^\w+\??\(([^)]*)\)")
+_GROUP = re.compile(r"(\w*)[\[\]?]*\(([^()]*)\)")
+_TYPE_CONSTRUCTORS = ("Dict", "Future", "Tuple", "Union", "Optional", "RRef", "Await", "List")
 
 
 def parse_aliases(schema: str) -> Tuple[Tuple[Tuple[str, Optional[bool]], ...], Tuple[Optional[bool], ...]]:
@@ -174,8 +175,11 @@ def parse_aliases(schema: str) -> Tuple[Tuple[Tuple[str, Optional[bool]], ...], 
 
 
 def _annotated_write(declaration: str) -> Optional[bool]:
-    match = _ANNOTATION.match(declaration)
-    return None if match is None else "!" in match.group(1)
+    """The alias annotation of ``Tensor(a!) self`` or ``t[](a)``, not the arguments of ``Dict(str, t)``."""
+    for match in _GROUP.finditer(declaration.split("=")[0]):
+        if match.group(1) not in _TYPE_CONSTRUCTORS:
+            return "!" in match.group(2)
+    return None
 
 
 def _split_top(text: str) -> List[str]:
@@ -204,6 +208,12 @@ def is_nondeterministic_seeded(func: Any) -> bool:
         return tag in func.tags
     _fall_back("torch.Tag", "random ops are known by name (dropout, bernoulli, rand*, normal, uniform, ...)")
     return str(func.overloadpacket).split(".", 1)[1] in SEEDED_OPS
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (``dtype.itemsize`` is torch 2.1 and newer)."""
+    size = getattr(dtype, "itemsize", None)
+    return size if size is not None else torch.empty((), dtype=dtype).element_size()
 
 
 def untyped_storage(t: torch.Tensor) -> Any:

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from detr import compat
 
 ROOT = Path(__file__).resolve().parents[1]
