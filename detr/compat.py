@@ -20,7 +20,7 @@ from torch.utils import _python_dispatch
 
 __all__ = ["TorchDispatchMode", "TorchFunctionMode", "benchmark_stats", "cuda_driver_api_version",
            "current_autograd_node", "disable_current_modes", "fallbacks", "flop_counter", "grad_scaler",
-           "is_nondeterministic_seeded", "itemsize", "load", "named_leaves", "privateuse1_backend_name", "reroot", "return_aliases", "session_of",
+           "has_autograd_node", "is_nondeterministic_seeded", "itemsize", "load", "named_leaves", "privateuse1_backend_name", "reroot", "return_aliases", "session_of",
            "tree_leaves", "tree_map", "untyped_storage", "written_arguments"]
 _FALLBACKS: Dict[str, str] = {}
 
@@ -235,12 +235,18 @@ def load(path: Any, weights_only: bool, **kwargs) -> Any:
     return torch.load(path, **kwargs)
 
 
+def has_autograd_node() -> bool:
+    """Whether :func:`current_autograd_node` can tell a backward op from a forward one (torch 2.0+)."""
+    return hasattr(torch._C, "_current_autograd_node")
+
+
 def current_autograd_node() -> Optional[Any]:
     """The autograd node running now during backward, or None (then ops in backward are attributed
     to their phase only, not to a module)."""
     get = getattr(torch._C, "_current_autograd_node", None)
     if get is None:
-        _fall_back("torch._C._current_autograd_node", "backward ops are not attributed to modules")
+        _fall_back("torch._C._current_autograd_node", "backward ops are not attributed to modules, and ops "
+                   "outside every module have the phase 'forward or backward'")
         return None
     return get()
 

@@ -30,6 +30,7 @@ KEEP = ("tensors", "outputs", "stats")
 UNINITIALISED = ("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
                  "aten.new_empty_strided", "aten.empty_permuted", "aten.resize_")
 ROOT, OUTSIDE, UNKNOWN_BACKWARD = "(root)", "(outside)", "(backward)"
+UNKNOWN_PHASE = "forward or backward"
 
 @dataclass
 class TensorMeta:
@@ -277,6 +278,14 @@ class CaptureMode(compat.TorchDispatchMode):
                     for key in self._by_storage.pop(storage, []):
                         self._copies.pop(key, None)
 
+    def _phase(self, node: Optional[Any]) -> str:
+        """Without the autograd node (torch before 2.0) an op outside every module may be either."""
+        if node is not None:
+            return "backward"
+        if self.tracker.stack or compat.has_autograd_node():
+            return "forward"
+        return UNKNOWN_PHASE
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         recorded = not is_view_op(func) and str(func.overloadpacket) not in UNINITIALISED and not bookkeeping(func)
@@ -294,7 +303,7 @@ class CaptureMode(compat.TorchDispatchMode):
         record = OpRecord(
             index=len(self.trace), op=str(func.overloadpacket), overload=str(func),
             module=self.tracker.node_path(node) if node is not None else self.tracker.path,
-            phase="backward" if node is not None else "forward",
+            phase=self._phase(node),
             node=node.name() if node is not None else None,
             input_meta=[TensorMeta(tuple(t.shape), t.dtype) for t in compat.tree_leaves((args, kwargs))
                         if isinstance(t, torch.Tensor)],

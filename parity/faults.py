@@ -198,7 +198,8 @@ def apply_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, outpu
         return outputs
     for fault in faults:
         if fault.matches(func):
-            outputs = fault.perturb(func, outputs)
+            with compat.disable_current_modes():  # the fault's own ops belong to no trace
+                outputs = fault.perturb(func, outputs)
     return outputs
 
 
