@@ -20,8 +20,9 @@ from torch.utils import _python_dispatch
 
 __all__ = ["TorchDispatchMode", "TorchFunctionMode", "benchmark_stats", "cuda_driver_api_version",
            "current_autograd_node", "disable_current_modes", "fallbacks", "flop_counter", "grad_scaler",
-           "has_autograd_node", "is_nondeterministic_seeded", "itemsize", "load", "named_leaves", "privateuse1_backend_name", "reroot", "return_aliases", "session_of",
-           "tree_leaves", "tree_map", "untyped_storage", "written_arguments"]
+           "has_autograd_node", "is_nondeterministic_seeded", "itemsize", "load", "named_leaves",
+           "privateuse1_backend_name", "reroot", "return_aliases", "session_of", "tree_leaves", "tree_map",
+           "untyped_storage", "written_arguments"]
 _FALLBACKS: Dict[str, str] = {}
 
 

@@ -2,9 +2,10 @@
 module that ran it and (optionally) CPU copies of its inputs and outputs for replay.
 
 What is not recorded (so that the traces of two devices line up and every record is checkable):
-ops that return no tensor (``sym_size``, ``_local_scalar_dense``) or only a profiler's handle, view ops whose outputs only alias
-their inputs (``view``, ``t``, ``expand``, ``split``: no arithmetic, and backends differ in where they
-insert them), and allocations of uninitialised memory (``empty*``, ``new_empty*``, ``resize_``).
+ops that return no tensor (``sym_size``, ``_local_scalar_dense``) or only a profiler's handle, view
+ops whose outputs only alias their inputs (``view``, ``t``, ``expand``, ``split``: no arithmetic, and
+backends differ in where they insert them), and allocations of uninitialised memory (``empty*``,
+``new_empty*``, ``resize_``).
 
 Module paths come from global module forward hooks and the root module's ``named_modules``. A
 backward op is attributed to the forward module that created its autograd node: every tensor a
