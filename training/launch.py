@@ -62,11 +62,12 @@ def free_port() -> int:
 
 
 def torchrun_command(topology: Topology, node_rank: int, port: int, train_args: Sequence[str]) -> List[str]:
+    """torchrun's options spelled with underscores, the only spelling torch 1.12's torchrun knows."""
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(topology.nnodes), "--nproc-per-node", str(topology.nproc_per_node),
-        "--node-rank", str(node_rank), "--master-addr", topology.master_addr, "--master-port", str(port),
-        "--max-restarts", "0", "--monitor-interval", "0.5",
+        "--nnodes", str(topology.nnodes), "--nproc_per_node", str(topology.nproc_per_node),
+        "--node_rank", str(node_rank), "--master_addr", topology.master_addr, "--master_port", str(port),
+        "--max_restarts", "0", "--monitor_interval", "0.5",
         "-m", "detr.train", *train_args,
     ]
 
