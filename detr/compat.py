@@ -128,6 +128,19 @@ def _no_dispatch_mode():
         torch._C._set_torch_dispatch_mode(outer)
 
 
+@contextlib.contextmanager
+def _popped_modes():
+    """torch 1.13 keeps a stack of dispatch modes; this pops all of them and pushes them back."""
+    popped = []
+    while _python_dispatch._get_current_dispatch_mode() is not None:
+        popped.append(_python_dispatch._pop_mode())
+    try:
+        yield
+    finally:
+        for mode in reversed(popped):
+            _python_dispatch._push_mode(mode)
+
+
 def written_arguments(func: Any) -> List[str]:
     """The names of the arguments an aten overload writes (``Tensor(a!) self``, ``out``)."""
     return [name for name, write in _aliases(func)[0] if write]
@@ -203,10 +216,11 @@ SEEDED_OPS = frozenset((
 
 def is_nondeterministic_seeded(func: Any) -> bool:
     """Whether an aten overload's result depends on the RNG: its ``nondeterministic_seeded`` tag
-    (torch 1.13 and newer), else its name in :data:`SEEDED_OPS`, aten's tagged ops of torch 1.12."""
+    (torch 1.13 and newer) or its name in :data:`SEEDED_OPS`, aten's seeded ops, which torch 1.13 does
+    not all tag (randint, cauchy, log_normal...) and torch 1.12 has no tags for."""
     tag = getattr(getattr(torch, "Tag", None), "nondeterministic_seeded", None)
     if tag is not None:
-        return tag in func.tags
+        return tag in func.tags or str(func.overloadpacket).split(".", 1)[1] in SEEDED_OPS
     _fall_back("torch.Tag", "random ops are known by name (dropout, bernoulli, rand*, normal, uniform, ...)")
     return str(func.overloadpacket).split(".", 1)[1] in SEEDED_OPS
 
@@ -255,7 +269,9 @@ def current_autograd_node() -> Optional[Any]:
 def disable_current_modes():
     """A context that suspends the active dispatch modes (the capture) for the suite's own work."""
     disable = getattr(_python_dispatch, "_disable_current_modes", None)
-    if disable is None and hasattr(torch._C, "_set_torch_dispatch_mode"):
+    if disable is None and hasattr(_python_dispatch, "_pop_mode"):
+        return _popped_modes()
+    if disable is None and hasattr(torch._C, "_get_torch_dispatch_mode"):
         return _no_dispatch_mode()
     if disable is None:
         _fall_back("torch.utils._python_dispatch._disable_current_modes",
