@@ -29,9 +29,12 @@ test: $(STAMP)
 	$(VPY) -m pytest -m xpu --xpu cpu-alt --model-config tiny --report-dir=reports/cpu-alt $(PYTEST_ARGS)
 
 # The oldest supported pair, as a vendor's Kunlunxin R300 stack has it: the compat tests and the tiny
-# conformance run on cpu-alt. Python 3.8 is python3.8 on PATH, else the newest of pyenv's 3.8 builds.
+# conformance run on cpu-alt. Python 3.8 is python3.8 on PATH where it runs (a pyenv shim may not),
+# else the newest of pyenv's 3.8 builds.
 test-oldest:
-	@py="$$(command -v python3.8 || ls -d $$HOME/.pyenv/versions/3.8*/bin/python 2>/dev/null | sort -V | tail -n 1)"; \
+	@py=; for c in python3.8 $$(ls -d $$HOME/.pyenv/versions/3.8*/bin/python 2>/dev/null | sort -rV); do \
+	    if "$$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 8))' 2>/dev/null; then py="$$c"; break; fi; \
+	done; \
 	if [ -z "$$py" ]; then \
 	    echo "error: test-oldest needs Python 3.8: python3.8 on PATH, or pyenv install 3.8" >&2; exit 1; fi; \
 	$(MAKE) --no-print-directory _oldest VENV=.venv-oldest PYTHON="$$py" TORCH='$(OLDEST_TORCH)'
