@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from . import compat
 from .misc import NestedTensor
 from .position_encoding import build_position_encoding
 
@@ -73,7 +74,7 @@ class Backbone(BackboneBase):
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norms[norm]
         )
         if weights_path is not None:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            state = compat.load(weights_path, weights_only=True, map_location="cpu")
             backbone.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         num_channels = 512 if name in ("resnet18", "resnet34") else 2048
         if stride == 16:

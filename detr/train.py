@@ -304,7 +304,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     counters = {"samples": 0.0, "train_time": 0.0, "eval_time": 0.0, "core_time": 0.0}
     best, target_hit, pending_eval = None, None, False
     if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        ckpt = compat.load(args.resume, weights_only=False, map_location="cpu")
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_scheduler.load_state_dict(ckpt["lr_scheduler"])

@@ -2,9 +2,10 @@
 module that ran it and (optionally) CPU copies of its inputs and outputs for replay.
 
 What is not recorded (so that the traces of two devices line up and every record is checkable):
-ops that return no tensor (``sym_size``, ``_local_scalar_dense``), view ops whose outputs only alias
-their inputs (``view``, ``t``, ``expand``, ``split``: no arithmetic, and backends differ in where they
-insert them), and allocations of uninitialised memory (``empty*``, ``new_empty*``, ``resize_``).
+ops that return no tensor (``sym_size``, ``_local_scalar_dense``) or only a profiler's handle, view
+ops whose outputs only alias their inputs (``view``, ``t``, ``expand``, ``split``: no arithmetic, and
+backends differ in where they insert them), and allocations of uninitialised memory (``empty*``,
+``new_empty*``, ``resize_``).
 
 Module paths come from global module forward hooks and the root module's ``named_modules``. A
 backward op is attributed to the forward module that created its autograd node: every tensor a
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from detr import compat
 
@@ -31,6 +31,7 @@ KEEP = ("tensors", "outputs", "stats")
 UNINITIALISED = ("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
                  "aten.new_empty_strided", "aten.empty_permuted", "aten.resize_")
 ROOT, OUTSIDE, UNKNOWN_BACKWARD = "(root)", "(outside)", "(backward)"
+UNKNOWN_PHASE = "forward or backward"
 
 @dataclass
 class TensorMeta:
@@ -112,11 +113,17 @@ class Trace(list):
         return [r.overload for r in self]
 
 
+def bookkeeping(func: Any) -> bool:
+    """True for the profiler's ops (``record_function``'s enter and exit, which optimizers call): in
+    torch 1.12 they return a tensor that is a handle, not a result."""
+    return str(func.overloadpacket).startswith("profiler.")
+
+
 def is_random(func: Any, args: Sequence, kwargs: Dict[str, Any]) -> bool:
     """True when this call's result depends on the RNG: aten's ``nondeterministic_seeded`` ops
     (dropout, rand*, bernoulli, attention kernels with dropout) unless the call switches the
     randomness off with ``train=False`` or a zero ``p``/``dropout_p``."""
-    if torch.Tag.nondeterministic_seeded not in func.tags:
+    if not compat.is_nondeterministic_seeded(func):
         return False
     bound = bind_arguments(func, args, kwargs)
     if bound.get("train") is False:
@@ -205,7 +212,7 @@ class _ModuleTracker:
             self.handles.clear()
 
 
-class _NodeClaimer(TorchFunctionMode):
+class _NodeClaimer(compat.TorchFunctionMode):
     def __init__(self, tracker: _ModuleTracker):
         super().__init__()
         self.tracker = tracker
@@ -239,7 +246,7 @@ class CaptureMode(compat.TorchDispatchMode):
         if not isinstance(t, torch.Tensor):
             return t
         try:
-            version, storage = t._version, t.untyped_storage().data_ptr()
+            version, storage = t._version, compat.untyped_storage(t).data_ptr()
         except (RuntimeError, AttributeError, NotImplementedError):  # no version counter or storage
             return self._new_copy(t)
         hit = self._copies.get(id(t))
@@ -261,22 +268,28 @@ class CaptureMode(compat.TorchDispatchMode):
         """Drops the shared copies of every tensor whose memory ``func`` writes (views and ``.data``
         aliases included: they share the storage)."""
         bound = bind_arguments(func, args, kwargs)
-        for argument in func._schema.arguments:
-            if argument.alias_info is None or not argument.alias_info.is_write:
-                continue
-            value = bound.get(argument.name)
+        for name in compat.written_arguments(func):
+            value = bound.get(name)
             for t in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(t, torch.Tensor):
                     try:
-                        storage = t.untyped_storage().data_ptr()
+                        storage = compat.untyped_storage(t).data_ptr()
                     except (RuntimeError, NotImplementedError):
                         continue
                     for key in self._by_storage.pop(storage, []):
                         self._copies.pop(key, None)
 
+    def _phase(self, node: Optional[Any]) -> str:
+        """Without the autograd node (torch before 2.0) an op outside every module may be either."""
+        if node is not None:
+            return "backward"
+        if self.tracker.stack or compat.has_autograd_node():
+            return "forward"
+        return UNKNOWN_PHASE
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        recorded = not is_view_op(func) and str(func.overloadpacket) not in UNINITIALISED
+        recorded = not is_view_op(func) and str(func.overloadpacket) not in UNINITIALISED and not bookkeeping(func)
         saved = compat.tree_map(self._copy, (args, kwargs)) if recorded and self.keep == "tensors" else None
         fired_before = [f.fired for f in self.faults]
         out = func(*args, **kwargs)
@@ -291,7 +304,7 @@ class CaptureMode(compat.TorchDispatchMode):
         record = OpRecord(
             index=len(self.trace), op=str(func.overloadpacket), overload=str(func),
             module=self.tracker.node_path(node) if node is not None else self.tracker.path,
-            phase="backward" if node is not None else "forward",
+            phase=self._phase(node),
             node=node.name() if node is not None else None,
             input_meta=[TensorMeta(tuple(t.shape), t.dtype) for t in compat.tree_leaves((args, kwargs))
                         if isinstance(t, torch.Tensor)],

@@ -188,8 +188,8 @@ def _check_op(op: str, spec: str) -> None:
 
 def is_view_op(func: torch._ops.OpOverload) -> bool:
     """True for ops whose every output aliases an input without writing it (view, t, split...)."""
-    returns = func._schema.returns
-    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    returns = compat.return_aliases(func)
+    return bool(returns) and all(write is False for write in returns)
 
 
 def apply_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, outputs):
@@ -198,7 +198,8 @@ def apply_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, outpu
         return outputs
     for fault in faults:
         if fault.matches(func):
-            outputs = fault.perturb(func, outputs)
+            with compat.disable_current_modes():  # the fault's own ops belong to no trace
+                outputs = fault.perturb(func, outputs)
     return outputs
 
 

@@ -11,6 +11,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from detr import compat
+
 # Denominator floor of the relative error, as a share of the golden tensor's largest magnitude:
 # near-zero golden values would otherwise turn tiny absolute errors into huge relative ones.
 REL_FLOOR = 1e-3
@@ -55,7 +57,7 @@ def as_numpy64(t: torch.Tensor) -> np.ndarray:
     """A flat float64 numpy copy of ``t``. The metrics run in numpy: single-threaded, they do not
     stall on a loaded host the way small multi-threaded torch ops do."""
     x = t.detach().cpu()
-    if x.dtype == torch.bfloat16 or x.dtype.itemsize == 1:
+    if x.dtype == torch.bfloat16 or compat.itemsize(x.dtype) == 1:
         x = x.float()
     return x.numpy().astype(np.float64).reshape(-1)
 

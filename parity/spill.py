@@ -29,7 +29,7 @@ class TensorStore:
             raw, stride, storage_offset = t.reshape(-1).view(torch.uint8), t.stride(), 0
         else:
             copy = t.to("cpu", copy=True)
-            raw = torch.empty(0, dtype=torch.uint8).set_(copy.untyped_storage())
+            raw = torch.empty(0, dtype=torch.uint8).set_(compat.untyped_storage(copy))
             stride, storage_offset = copy.stride(), copy.storage_offset()
         with self._lock:
             offset = self._size

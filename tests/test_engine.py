@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import detr
+from detr import compat
 from detr.data.coco import build_dataset, coco_api, num_classes
 from detr.data.synthetic import generate
 from detr.engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -112,11 +113,11 @@ def test_cli_trains_evaluates_checkpoints_and_resumes(coco_dir, tmp_path):
     assert "epoch 0 step 1/4 loss" in first.stdout and "mAP" in first.stdout
     checkpoint = tmp_path / "out" / "checkpoint.pth"
     assert checkpoint.is_file()
-    assert torch.load(checkpoint, weights_only=False)["steps"] == 4
+    assert compat.load(checkpoint, weights_only=False)["steps"] == 4
     second = run_cli(*common, "--max-steps", "6", "--resume", str(checkpoint), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "at epoch 1, step 4" in second.stdout
-    assert torch.load(checkpoint, weights_only=False)["steps"] == 6
+    assert compat.load(checkpoint, weights_only=False)["steps"] == 6
 
 
 def test_cli_rejects_a_bad_dataset(tmp_path):

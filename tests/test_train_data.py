@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr import compat
 from detr.data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_a_fault_that_cannot_fire_is_a_usage_error(tmp_path):
 def test_a_failed_evaluation_loses_no_training(tmp_path):
     failed = run(tmp_path / "cut", *SMALL, "--fail-at", "0:3:eval-crash")
     assert failed.returncode == 1 and "injected crash in the evaluation after step 5" in failed.stderr
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
+    checkpoint = compat.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
     assert (checkpoint["epoch"], checkpoint["steps"], checkpoint["pending_eval"]) == (0, 6, True)
     # a step that the checkpoint has already passed would never fire either
     late = run(tmp_path / "cut", *SMALL, "--resume", str(tmp_path / "cut" / "checkpoint.pth"), "--fail-at", "0:2:crash")

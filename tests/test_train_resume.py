@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from detr import compat
 
 from detr.files import TMP_GLOB
 
@@ -29,7 +29,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert resumed["step_losses"] == straight["step_losses"]
     assert [p["mAP"] for p in resumed["curve"]] == [p["mAP"] for p in straight["curve"]]
     assert resumed["samples"] == straight["samples"] == 24
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
+    checkpoint = compat.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["steps"] == 12
     # time adds up across the resume, which the result records
     assert [r["epoch"] for r in resumed["resumed"]] == [0] and straight["resumed"] == []

@@ -62,11 +62,12 @@ def free_port() -> int:
 
 
 def torchrun_command(topology: Topology, node_rank: int, port: int, train_args: Sequence[str]) -> List[str]:
+    """torchrun's options spelled with underscores, the only spelling torch 1.12's torchrun knows."""
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(topology.nnodes), "--nproc-per-node", str(topology.nproc_per_node),
-        "--node-rank", str(node_rank), "--master-addr", topology.master_addr, "--master-port", str(port),
-        "--max-restarts", "0", "--monitor-interval", "0.5",
+        "--nnodes", str(topology.nnodes), "--nproc_per_node", str(topology.nproc_per_node),
+        "--node_rank", str(node_rank), "--master_addr", topology.master_addr, "--master_port", str(port),
+        "--max_restarts", "0", "--monitor_interval", "0.5",
         "-m", "detr.train", *train_args,
     ]
 
@@ -227,10 +228,14 @@ def run_job(
                 show()
                 bad = failed[0]
                 blame = hung_ranks(train_args)
+                # a rank's crash also fails its peers' collectives; the node seen first may be a peer
+                also = "".join(f"\nnode {other.node_rank} also failed (exit code {other.proc.returncode}):\n"
+                               f"{first_failure(other.lines)}\n(full output: {other.log_path})"
+                               for other in launchers if other is not bad and (other.proc.returncode or 0) > 0)
                 raise JobError(
                     f"{topology.name} job failed on node {bad.node_rank} (exit code {bad.proc.returncode}) "
                     f"after {time.monotonic() - start:.1f}s:\n{blame + chr(10) if blame else ''}"
-                    f"{first_failure(bad.lines)}\n(full output: {bad.log_path})"
+                    f"{first_failure(bad.lines)}\n(full output: {bad.log_path}){also}"
                 )
             if all(code == 0 for code in codes):
                 _join(launchers)

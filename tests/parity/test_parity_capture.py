@@ -1,9 +1,11 @@
 """Op capture: forward and backward aten ops in order, with module paths and CPU copies."""
+import warnings
+
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
-from parity.capture import KEEP, capture
+from detr import compat
+from parity.capture import KEEP, UNKNOWN_PHASE, capture
 from tests.parity.blocks import Block
 
 
@@ -20,6 +22,7 @@ def run_block(keep="tensors"):
     return model, capture(step, root_module=model, keep=keep)
 
 
+@pytest.mark.skipif(not compat.has_autograd_node(), reason=f"torch {torch.__version__} cannot tell the autograd node")
 def test_forward_then_backward_in_order_with_modules():
     _, (out, trace) = run_block()
     assert [r.index for r in trace] == list(range(len(trace)))
@@ -39,6 +42,18 @@ def test_forward_then_backward_in_order_with_modules():
     assert len(head_backward) == 2 and all(r.node == "AddmmBackward0" for r in head_backward)
     residual = [r for r in trace.phase("forward").find("aten.add.Tensor") if r.input_meta[0] == r.input_meta[1]]
     assert [r.module for r in residual] == ["(root)"], "the residual add runs in the root module itself"
+
+
+def test_without_the_autograd_node_no_backward_op_is_called_forward(monkeypatch):
+    monkeypatch.setattr(compat, "_FALLBACKS", {})
+    monkeypatch.delattr(torch._C, "_current_autograd_node", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, (out, trace) = run_block()
+    where = {(r.overload, r.phase): r.module for r in trace}
+    assert where[("aten.convolution.default", "forward")] == "conv"
+    assert where[("aten.convolution_backward.default", UNKNOWN_PHASE)] == "(outside)"
+    assert not trace.phase("backward") and not [r for r in trace.find("aten.threshold_backward") if r.phase == "forward"]
 
 
 def test_records_hold_cpu_copies_of_inputs_and_outputs():
@@ -94,8 +109,17 @@ def test_ops_outside_any_module_and_without_root():
 def test_random_ops_are_flagged_unless_their_randomness_is_off():
     q = torch.randn(1, 2, 4, 8)
     f = torch.nn.functional
-    _, trace = capture(lambda: (f.scaled_dot_product_attention(q, q, q, dropout_p=0.0), f.dropout(q, 0.5)))
-    flagged = {r.overload: r.random for r in trace}
+    attention = getattr(f, "scaled_dot_product_attention", None)  # torch 2.0 and newer
+
+    def fn():
+        torch.ops.aten.native_dropout.default(q, 0.0, True)
+        if attention is not None:
+            attention(q, q, q, dropout_p=0.0)
+        return f.dropout(q, 0.5)
+
+    _, trace = capture(fn)
+    first, flagged = trace[0], {r.overload: r.random for r in trace[1:]}
+    assert first.op == "aten.native_dropout" and not first.random
     assert not any(v for k, v in flagged.items() if "scaled_dot_product" in k), flagged
     assert any(v for k, v in flagged.items() if "bernoulli" in k or "dropout" in k), flagged
 
@@ -139,11 +163,11 @@ def test_a_spilled_trace_holds_no_tensors_and_reads_back_the_same_values_and_str
     assert spilled.store is not None and spilled.store.nbytes > 0
     assert [r.overload for r in kept] == [r.overload for r in spilled]
     for memory, disk in zip(kept, spilled):
-        leaves = pytree.tree_leaves((disk.args, disk.kwargs, disk.outputs))
+        leaves = compat.tree_leaves((disk.args, disk.kwargs, disk.outputs))
         assert not any(isinstance(t, torch.Tensor) for t in leaves) and any(isinstance(t, Stored) for t in leaves)
         back = loaded(disk)
-        for a, b in zip(pytree.tree_leaves((memory.args, memory.kwargs, memory.outputs)),
-                        pytree.tree_leaves((back.args, back.kwargs, back.outputs))):
+        for a, b in zip(compat.tree_leaves((memory.args, memory.kwargs, memory.outputs)),
+                        compat.tree_leaves((back.args, back.kwargs, back.outputs))):
             if isinstance(a, torch.Tensor):
                 assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
 

@@ -7,7 +7,7 @@ import torch
 
 from parity.compare import compare_part
 from parity.errormodel import ErrorModel
-from tests.parity.blocks import Block
+from tests.parity.blocks import Block, cpu_cannot_capture, reported
 
 
 def build_block():
@@ -41,10 +41,12 @@ def check_block(precision="fp32", faults=(), **kw):
 @pytest.mark.parametrize("name", ["fp32", "tf32", "amp", "fp16", "bf16"])
 def test_clean_run_passes(name):
     """The CPU against itself: every op and output is bit-identical and passes without a golden."""
+    if cpu_cannot_capture(name):
+        pytest.skip(cpu_cannot_capture(name))
     result = check_block(name)
     assert result.passed, result.failure_message("clean")
     assert result.first_failure is None and result.failure_message() == ""
-    assert {r["phase"] for r in result.rows()} == {"forward", "backward"}
+    assert {r["phase"] for r in result.rows()} == {"forward", reported("", "backward")[1]}
     assert len(result.end_to_end) > 5 and result.ops_checked == len(result.rows()) > 40
     if name == "tf32":  # the baseline emulates TF32's rounding of matmul inputs; a CPU device has none
         assert 0 < result.replay.identical < result.ops_checked and result.worst().margin <= 1
@@ -58,8 +60,12 @@ def test_clean_run_passes(name):
 def test_other_cpu_kernels_pass_in_every_precision(name):
     """cpu-alt, a correct device whose convolutions, norms and sums differ in the last bits: the
     differing ops are judged against golden and pass, as do the outputs against the ensemble."""
+    if cpu_cannot_capture(name):
+        pytest.skip(cpu_cannot_capture(name))
     result = compare_part("block", build_block, IMAGES, block_outputs, "cpu-alt", name)
     assert result.passed, result.failure_message("cpu-alt")
+    if result.replay.identical == result.ops_checked:
+        pytest.skip(f"cpu-alt runs the CPU's own kernels in {name} on torch {torch.__version__}: nothing to judge")
     assert result.replay.identical < result.ops_checked and 0 < result.worst().margin <= 1
     assert result.whole_run.diverged is None and result.whole_run.aligned > 40
     assert all(e.judgement.passed for e in result.end_to_end)
@@ -69,7 +75,7 @@ def test_other_cpu_kernels_pass_in_every_precision(name):
 def test_mlp_scalar_loss_passes_and_covers_backward():
     result = compare_part("mlp", build_mlp, (FEATURES, TARGETS), mlp_loss, "cpu", "fp32")
     assert result.passed, result.failure_message()
-    ops = {r["overload"] for r in result.rows() if r["phase"] == "backward"}
+    ops = {r["overload"] for r in result.rows() if r["phase"] == reported("", "backward")[1]}
     assert {"aten._log_softmax_backward_data.default", "aten.threshold_backward.default", "aten.mm.default"} <= ops
     assert {e.name for e in result.end_to_end} >= {"output", "grad 0.weight", "grad 2.bias"}
 
@@ -92,6 +98,10 @@ CATALOGUE = [
     ("aten.sum.dim_IntList:scale=1.0001", "aten.sum.dim_IntList", "head", "backward"),
     ("aten._softmax_backward_data:noise=1e-3", "aten._softmax_backward_data.default", "attn", "backward"),
 ]
+# torch 1.12's multi-head attention averages its heads' weights by a sum and a division, not a mean: there
+# the first mean the fault meets is the block's own, and the first sum is the attention's.
+SUM_AVERAGED_HEADS = {"aten.mean.dim:noise=1e-4": ("(root)", "forward"),
+                      "aten.sum.dim_IntList:scale=1.0001": ("attn", "forward")}
 
 
 @pytest.mark.parametrize("spec, op, module, phase", CATALOGUE, ids=[c[0] for c in CATALOGUE])
@@ -99,7 +109,9 @@ def test_fault_is_detected_and_localised(spec, op, module, phase):
     result = check_block("fp32", [spec])
     assert not result.passed
     fail = result.first_failure
-    assert (fail["overload"], fail["module"], fail["phase"]) == (op, module, phase), fail
+    places = [reported(module, phase), SUM_AVERAGED_HEADS.get(spec)]
+    assert (fail["module"], fail["phase"]) in places and fail["overload"] == op, fail
+    module, phase = fail["module"], fail["phase"]
     assert fail["source"] == "isolated replay" and fail["verdict"].startswith("fail: ")
     failing = [r for r in result.rows() if r["status"] == "fail"]
     assert all(r["overload"] == op and spec in r["faults"] for r in failing), "only the faulted op may fail"
