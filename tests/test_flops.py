@@ -41,7 +41,19 @@ def test_convolutions_forward_and_backward(batch, per_group, groups, kernel, siz
         conv = torch.nn.Conv2d(channels, 2 * groups, kernel, stride, padding, groups=groups)
     conv.weight.requires_grad_(weight_grad)
     theirs, ours = both(lambda: conv(x).sum().backward())
+    if transposed and not transposed_backward_counted_right():
+        theirs.pop("aten.convolution_backward"), ours.pop("aten.convolution_backward")
     assert theirs == ours
+
+
+def transposed_backward_counted_right() -> bool:
+    """Whether this torch's FlopCounterMode counts a transposed convolution's backward as the
+    hand count does: 1 channel to 2, a 1x1 kernel on 4x4, so 64 for the forward and 128 for the
+    two gradients. torch 2.1's counts 1088."""
+    x = torch.randn(1, 1, 4, 4, requires_grad=True)
+    conv = torch.nn.ConvTranspose2d(1, 2, 1)
+    theirs, _ = both(lambda: conv(x).sum().backward())
+    return theirs == {"aten.convolution": 64, "aten.convolution_backward": 128}
 
 
 @settings(max_examples=30, deadline=None)
