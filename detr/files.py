@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
-# Temporaries are named ".<name>.tmp-<random>": a run that starts cleans up what a killed one left.
-TMP_GLOB = ".*.tmp-*"
+
+
+def _tmp_prefix(name: str) -> str:
+    """Temporaries are named ".<name>.tmp-<random>": a run that starts cleans up what a killed one left."""
+    return f".{name}.tmp-"
+
+
+TMP_GLOB = _tmp_prefix("*") + "*"
 
 
 def atomic_save(path: PathLike, write: Callable[[BinaryIO], None], durable: bool = True) -> Path:
@@ -22,7 +28,7 @@ def atomic_save(path: PathLike, write: Callable[[BinaryIO], None], durable: bool
     flushes it to disk first (off for marks rewritten every step, where a lost one is harmless)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -79,7 +85,7 @@ def remove_temporaries(folder: PathLike, names: str) -> List[Path]:
     """Deletes the temporaries of the files matching the glob ``names`` in ``folder``, which killed
     writers left behind; only safe while no other writer of those files can run (under
     :func:`locked`, or at the start of a job that owns the folder). Returns what it removed."""
-    stale = list(Path(folder).glob(f".{names}.tmp-*"))
+    stale = list(Path(folder).glob(_tmp_prefix(names) + "*"))
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
