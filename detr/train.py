@@ -47,11 +47,17 @@ SYNTHETIC_DATA = dict(num_train=2048, num_val=128, min_size=128, max_size=128, m
                       object_size=(0.3, 0.7), class_colours=True, crowd_every=0)
 RECIPES: Dict[str, Dict[str, Any]] = {
     "coco": dict(model="r50", batch_size=8, lr=detr.REFERENCE.lr, lr_backbone=detr.REFERENCE.lr_backbone, epochs=300, lr_drop=200, eval_every=1, warmup_steps=0,
-                 scales=list(range(480, 801, 32)), max_size=1333, val_size=800, crop="on", num_workers=4, overrides={}),
+                 scales=list(range(480, 801, 32)), max_size=1333, val_size=800, crop="on", num_workers=4, channels_last="off", overrides={}),
     "synthetic": dict(model="tiny", batch_size=8, lr=3e-4, lr_backbone=3e-4, epochs=8, lr_drop=6, eval_every=1, warmup_steps=100,
-                      scales=[128], max_size=128, val_size=128, crop="off", num_workers=0,
+                      eval_every_steps=128, scales=[128], max_size=128, val_size=128, crop="off", num_workers=0, channels_last="on",
                       overrides=dict(backbone_norm="batch", backbone_stride=16, dropout=0.0, num_queries=10)),
 }
+
+
+def synthetic_recipe() -> Dict[str, Any]:
+    """The embedded default as the shipped reference curves record it: the data, the recipe and the
+    model's overrides, in JSON's types."""
+    return json.loads(json.dumps({"data": SYNTHETIC_DATA, "recipe": RECIPES["synthetic"]}))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=None, help="validation short side")
     p.add_argument("--crop", choices=("on", "off"), default=None, help="the reference's random crop augmentation (default: on for COCO, off on the synthetic set)")
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--channels-last", choices=("on", "off"), default=None,
+                   help="keep the model's weights, and so its convolutions' activations, channels-last (NHWC); "
+                        "default: on for the synthetic set, off on COCO")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per rank; default: the cores shared among the node's ranks")
     p.add_argument("--cpu-onednn", choices=("on", "off"), default="on", help="oneDNN convolutions on the CPU (fast, but warm up per input shape)")
     p.add_argument("--dist-backend", default=None, help="process group backend; default by device: " + ", ".join(f"{k} {b.dist_backend}" for k, b in BACKENDS.items() if k not in VARIANTS))
@@ -241,7 +250,8 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model, criterion, postprocess = detr.build(args.model, num_classes=n_classes, lr_backbone=args.lr_backbone, **overrides)
-    model.to(device)
+    # Channels-last weights make every convolution run NHWC, the layout oneDNN computes in.
+    model.to(device, memory_format=torch.channels_last if args.channels_last == "on" else torch.preserve_format)
     criterion.to(device)
     model_without_ddp = model
     grad_fault = None
@@ -473,7 +483,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         "e2e_time": elapsed(), "resumed": resumes, "steps": steps_done, **counters,
         "mAP": result["AP"], "best_mAP": best, "target_mAP": args.target_map, "target_reached": target_hit,
         "mem_actual_gib": mem_actual or None, "mem_total_gib": total_memory_gib(xpu),
-        "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "mAP")} for r in history if "mAP" in r],
+        "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "train_time", "mAP")} for r in history if "mAP" in r],
         "step_losses": [v / world for v in step_losses], "param_digests": digests,
         "ddp_equivalence": checker.summary() if checker is not None else {
             "checked_steps": [], "passed": None,

@@ -75,28 +75,3 @@ def test_environment_of_the_cpu_names_what_it_knows():
     assert env["framework"].startswith(f"PyTorch {torch.__version__}")
     assert env["dependencies"]["numpy"] not in ("", None)
     assert env["driver"] == "n/a (CPU)" and env["kernel"]
-
-
-class _Options:
-    """The options the reference-curve cache depends on, as a pytest config would answer them."""
-
-    values = {"--reference-curve": None, "--xpu-plugin": [], "--coco-path": None, "--dist-backend": None,
-              "--train-max-steps": None, "--train-epochs": None, "--train-arg": []}
-
-    def getoption(self, name):
-        return self.values[name]
-
-
-def test_a_corrupt_cached_reference_curve_is_set_aside_before_training(tmp_path):
-    from fixtures.training import _check_references, _reference_cache
-    from training.launch import Topology
-
-    config, topology = _Options(), Topology.parse("1x1")
-    cache = _reference_cache(config, topology, 42, False, 0.25, tmp_path)[2]
-    cache.parent.mkdir(parents=True)
-    cache.write_text('{"curves": [')
-    said = []
-    _check_references(config, topology, [42], False, 0.25, tmp_path, said.append)
-    (aside,) = cache.parent.glob("*.corrupt-*")
-    assert not cache.exists() and aside.read_text() == '{"curves": ['
-    assert "is not valid JSON" in said[0] and "the reference runs again" in said[0]

@@ -54,3 +54,16 @@ def test_a_wrong_gradient_all_reduce_fails_ddp_equivalence(tmp_path, topology, f
     assert done.returncode == 1, done.stdout[-3000:]
     assert re.search(rf"DDP equivalence fails at step 1: the gradient \S+ on rank {rank} is \S+ from one process on "
                      rf"the global batch, \S+ times its tolerance", done.stdout), done.stdout[-3000:]
+
+
+def test_a_1x1_run_of_the_unchanged_recipe_is_judged_against_the_shipped_seeds(tmp_path):
+    """No --train-arg: the shipped curves apply, and the CPU is judged by them like any other device
+    (here up to the first evaluation, at step 128, where a target of 0.01 stops the run)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--xpu", "cpu", "-p", "no:cacheprovider", "-m", "training and 1x1",
+                           "--target-map=0.01", f"--report-dir={tmp_path / 'reports'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert re.search(r"cpu 1x1: convergence PASS: device 0\.\d+ vs reference 0\.\d+ \(tolerance 0\.000, 1 run\(s\) against "
+                     r"\d+ reference seeds at the same trained samples \(up to 1024\)", done.stdout), done.stdout[-3000:]
+    (row,) = json.loads((tmp_path / "reports" / "training_report.json").read_text())["rows"]
+    assert "CPU fp32 seeds shipped with the suite" in row["reference"] and len(row["curves"]["reference"]) >= 5

@@ -8,9 +8,10 @@ tolerance (a device far better than the reference is computing something else).
 """
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from scipy import stats
 
@@ -91,40 +92,52 @@ def _interpolate(curve: Curve, samples: float) -> Optional[float]:
     return points[-1][1]
 
 
-def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float,
+def _statistics(curve: Curve, samples: Sequence[float]) -> Tuple[float, float]:
+    """(final mAP, curve mean) of ``curve`` read at ``samples`` trained (interpolated)."""
+    values = [_interpolate(curve, s) for s in samples]
+    return values[-1], sum(values) / len(values)
+
+
+def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float = 0.0,
                         false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
-    """Every evaluation of every device run against the reference seeds at the same number of
-    trained samples: it passes inside ``mean +- (tolerance + t * sd * sqrt(1 + 1/n))``, the
-    prediction interval of one more run among the n reference seeds, with t the Student quantile
-    at ``false_positive_rate`` split over all the points judged (Bonferroni). A device whose runs
-    are distributed like the reference's fails with probability at most ``false_positive_rate``
-    (normal mAPs); ``tolerance`` (absolute AP) is allowed on top. Points beyond the reference's
-    last evaluation are not judged."""
+    """Each device run against the reference seeds, read at the device's own evaluations (the
+    reference interpolated at the same trained samples), by two statistics: the final mAP, and the
+    curve's mean over those evaluations (a run that gets there late, or early, moves it). Each must
+    lie inside ``mean +- (tolerance + t * sd * sqrt(1 + 1/n))`` of the n seeds' values, the
+    prediction interval of one more run, with t the Student quantile at ``false_positive_rate``
+    split over every statistic judged (Bonferroni). A device whose runs are distributed like the
+    reference's fails with probability at most ``false_positive_rate`` (normal mAPs); ``tolerance``
+    (absolute AP) is allowed on top. Evaluations beyond the reference's last one are not judged."""
     n = len(reference_curves)
     if n < 2:
         raise ValueError(f"need at least 2 reference seeds for a prediction interval, got {n}")
-    points = [(p["samples"], p["mAP"]) for c in device_curves for p in c if p.get("mAP") is not None]
-    judged = []
-    for samples, value in points:
-        ref = [_interpolate(c, samples) for c in reference_curves]
-        if any(r is None for r in ref):
-            continue
-        judged.append((samples, value, ref))
-    if not judged:
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    horizon = min(max(float(p["samples"]) for p in c if p.get("mAP") is not None) for c in reference_curves)
+    runs = [[float(p["samples"]) for p in c if p.get("mAP") is not None and float(p["samples"]) <= horizon]
+            for c in device_curves]
+    if not any(runs):
         raise ValueError("no evaluation of the device lies within the reference curves' trained samples")
-    t = float(stats.t.ppf(1 - false_positive_rate / (2 * len(judged)), n - 1))
-    worst = None
-    for samples, value, ref in judged:
-        mean, sd = sum(ref) / n, float(stats.tstd(ref)) if len(set(ref)) > 1 else 0.0
-        half = tolerance + t * sd * math.sqrt(1 + 1 / n)
-        excess = abs(value - mean) - half
-        if worst is None or excess > worst[0]:
-            worst = (excess, samples, value, mean, half)
-    excess, samples, value, mean, half = worst
-    method = (f"{len(judged)} evaluation(s) against {n} reference seeds, prediction interval, false-positive rate "
-              f"{false_positive_rate:g}; worst at {samples:.0f} samples: {value:.4f} vs {mean:.4f} +- {half:.4f}")
-    last = judged[-1]
-    return Verdict(excess <= 1e-9, last[1], sum(last[2]) / n, tolerance, method)  # 1e-9: rounding of the mean
+    runs = [(c, s) for c, s in zip(device_curves, runs) if s]
+    t = float(stats.t.ppf(1 - false_positive_rate / (2 * 2 * len(runs)), n - 1))
+    worst, shown = None, []
+    for curve, samples in runs:
+        device = _statistics(curve, samples)
+        reference = [_statistics(r, samples) for r in reference_curves]
+        for k, name in enumerate(("final mAP", "curve mean")):
+            ref = [r[k] for r in reference]
+            mean = sum(ref) / n
+            sd = statistics.stdev(ref)
+            half = tolerance + t * sd * math.sqrt(1 + 1 / n)
+            excess = abs(device[k] - mean) - half
+            shown.append(f"{name} {device[k]:.4f} vs {mean:.4f} +- {half:.4f}")
+            if worst is None or excess > worst:
+                worst = excess
+    first = runs[0]
+    method = (f"{len(runs)} run(s) against {n} reference seeds at the same trained samples (up to {first[1][-1]:.0f}), "
+              f"prediction intervals, false-positive rate {false_positive_rate:g}: " + "; ".join(shown))
+    finals = [_statistics(r, first[1])[0] for r in reference_curves]
+    return Verdict(worst <= 1e-9, _statistics(first[0], first[1])[0], sum(finals) / n, tolerance, method)  # 1e-9: rounding of the mean
 
 
 def judge_target(device_curves: Sequence[Curve], target: float, tolerance: float, source: str) -> Verdict:

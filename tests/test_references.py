@@ -1,0 +1,85 @@
+"""The reference curves shipped with the suite (``training/references``): what they hold, when they
+apply, and that the verdict built on them passes each of their own seeds and fails a run that
+trains like them but slower."""
+import json
+
+import pytest
+
+from detr.train import synthetic_recipe
+from fixtures import training as fixture
+from training.convergence import judge_against_seeds, load_curves
+from training.launch import Topology
+from training.make_references import DEFAULT, first_reaching
+
+
+class Options:
+    """The options a pytest config would answer, for :func:`fixture.shipped_reference`."""
+
+    def __init__(self, **values):
+        self.values = {"--train-arg": [], **values}
+
+    def getoption(self, name):
+        return self.values[name]
+
+
+def shipped():
+    data = json.loads(DEFAULT.read_text())
+    return data["meta"], load_curves(DEFAULT)
+
+
+def test_the_shipped_file_holds_at_least_five_seeds_of_this_recipe_with_their_provenance():
+    meta, curves = shipped()
+    assert meta["recipe"] == synthetic_recipe(), "the recipe changed: run python -m training.make_references"
+    assert len(curves) >= 5 and len(meta["provenance"]) == len(curves)
+    assert len({p["seed"] for p in meta["provenance"]}) == len(curves)
+    every = meta["recipe"]["recipe"]["eval_every_steps"]
+    for made, curve in zip(meta["provenance"], curves):
+        assert made["command"].startswith("python -m detr.train --device cpu --precision fp32 --seed")
+        assert made["torch"] and made["machine"] and made["date"] and made["python"]
+        assert [p["steps"] for p in curve] == list(range(every, curve[-1]["steps"] + 1, every))
+        assert made["first_at_target"] == first_reaching(curve, made["target"])
+
+
+def test_each_shipped_seed_passes_against_the_others():
+    """The verdict on real runs: a run of the reference recipe (another seed, so other rounding too)
+    is inside the prediction interval of the remaining seeds."""
+    _, curves = shipped()
+    for k, curve in enumerate(curves):
+        verdict = judge_against_seeds([curve], curves[:k] + curves[k + 1:])
+        assert verdict.passed, f"seed {k}: {verdict.text()}"
+
+
+@pytest.mark.parametrize("slower", [1.25, 1.5])
+def test_a_run_that_needs_more_samples_fails(slower):
+    """The mean of the seeds passes; the same curve stretched over 25 % more trained samples (a
+    device that learns more slowly per image) fails at the same evaluations."""
+    _, curves = shipped()
+    mean = [{"samples": p["samples"], "mAP": sum(c[i]["mAP"] for c in curves) / len(curves)} for i, p in enumerate(curves[0])]
+    assert judge_against_seeds([mean], curves).passed
+    late = [{"samples": p["samples"] * slower, "mAP": p["mAP"]} for p in mean]
+    verdict = judge_against_seeds([late], curves)
+    assert not verdict.passed, verdict.text()
+
+
+def test_the_shipped_curves_apply_only_to_the_unchanged_1x1_recipe():
+    curves, note = fixture.shipped_reference(Options(), Topology.parse("1x1"), synthetic=True)
+    assert len(curves) >= 5 and "CPU fp32 seeds shipped with the suite" in note
+    for topology, options, synthetic, why in (
+            ("1x8", Options(), True, "1x8 trains with another global batch"),
+            ("1x1", Options(**{"--train-arg": ["--lr=1e-3"]}), True, "--train-arg --lr=1e-3 changes it"),
+            ("1x1", Options(), False, "no curves are shipped for COCO")):
+        curves, note = fixture.shipped_reference(options, Topology.parse(topology), synthetic)
+        assert curves is None and why in note
+
+
+def test_a_shipped_file_of_another_recipe_is_refused_before_training(tmp_path, monkeypatch):
+    data = json.loads(DEFAULT.read_text())
+    data["meta"]["recipe"]["recipe"]["lr"] = 1.0
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(data))
+    monkeypatch.setattr(fixture, "SHIPPED_REFERENCE", stale)
+    with pytest.raises(pytest.fail.Exception, match="was made with another recipe than this code's"):
+        fixture.shipped_reference(Options(), Topology.parse("1x1"), synthetic=True)
+    stale.write_text("{")
+    with pytest.raises(pytest.fail.Exception, match="cannot be read: .* is not valid JSON"):
+        fixture.shipped_reference(Options(), Topology.parse("1x1"), synthetic=True)
