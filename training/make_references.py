@@ -2,7 +2,7 @@
 synthetic set, 1x1, fp32) trained on the CPU, once per seed, with each run's provenance (command,
 torch version, machine, date).
 
-    python -m training.make_references --seeds 42 43 44 45 46 47
+    python -m training.make_references --seeds 42 43 44 45 46   # the shipped file
 
 Each run trains the whole recipe, evaluating every 128 steps, and is not stopped at a target:
 ``--target`` only records when each seed first reached it. ``--max-steps`` keeps the first
