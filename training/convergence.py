@@ -120,10 +120,12 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
         raise ValueError("no evaluation of the device lies within the reference curves' trained samples")
     runs = [(c, s) for c, s in zip(device_curves, runs) if s]
     t = float(stats.t.ppf(1 - false_positive_rate / (2 * 2 * len(runs)), n - 1))
-    worst, shown = None, []
+    worst, shown, finals = None, [], None
     for curve, samples in runs:
         device = _statistics(curve, samples)
         reference = [_statistics(r, samples) for r in reference_curves]
+        if finals is None:  # the first run's, which the verdict's summary shows
+            finals = (device[0], sum(r[0] for r in reference) / n)
         for k, name in enumerate(("final mAP", "curve mean")):
             ref = [r[k] for r in reference]
             mean = sum(ref) / n
@@ -136,8 +138,7 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
     first = runs[0]
     method = (f"{len(runs)} run(s) against {n} reference seeds at the same trained samples (up to {first[1][-1]:.0f}), "
               f"prediction intervals, false-positive rate {false_positive_rate:g}: " + "; ".join(shown))
-    finals = [_statistics(r, first[1])[0] for r in reference_curves]
-    return Verdict(worst <= 1e-9, _statistics(first[0], first[1])[0], sum(finals) / n, tolerance, method)  # 1e-9: rounding of the mean
+    return Verdict(worst <= 1e-9, finals[0], finals[1], tolerance, method)  # 1e-9: rounding of the mean
 
 
 def judge_target(device_curves: Sequence[Curve], target: float, tolerance: float, source: str) -> Verdict:
@@ -152,6 +153,12 @@ def save_curves(path: Path, curves: Sequence[Curve], meta: Dict[str, Any]) -> No
 
 
 def load_curves(path: Path) -> List[Curve]:
+    return read_curve_file(path)[0]
+
+
+def read_curve_file(path: Path) -> Tuple[List[Curve], Dict[str, Any]]:
+    """(the curves, the file's meta) of a file :func:`save_curves` wrote; ValueError naming the file
+    when it is missing, not JSON or not curves."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -163,7 +170,7 @@ def load_curves(path: Path) -> List[Curve]:
         isinstance(c, list) and c and all(isinstance(p, dict) and "samples" in p and "mAP" in p for p in c) for c in curves
     ):
         raise ValueError(f"reference curve file {path}: expected {{\"curves\": [[{{\"samples\": N, \"mAP\": x}}, ...], ...]}}")
-    return curves
+    return curves, data.get("meta") or {}
 
 
 def plot(path: Path, device_curves: Sequence[Curve], reference_curves: Sequence[Curve], title: str,
