@@ -11,11 +11,11 @@ from .config import CONFIGS, ModelConfig, get_config
 from .criterion import SetCriterion
 from .matcher import build_matcher
 from .model import DETR, PostProcess
-from .recipe import REFERENCE, Recipe, param_groups
+from .recipe import REFERENCE, Recipe, linear_decay, param_groups, step_decay
 from .transformer import build_transformer
 
 __all__ = ["build", "build_from_config", "get_config", "CONFIGS", "ModelConfig", "DETR", "SetCriterion", "PostProcess",
-           "Recipe", "REFERENCE", "param_groups"]
+           "Recipe", "REFERENCE", "linear_decay", "param_groups", "step_decay"]
 
 
 def build(name: str = "r50", **overrides) -> Tuple[DETR, SetCriterion, PostProcess]:

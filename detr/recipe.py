@@ -33,4 +33,24 @@ class Recipe:
                 f"clip_max_norm={self.clip_max_norm}")
 
 
+def _warm_up(done: int, warmup: int) -> float:
+    return min(1.0, (done + 1) / warmup) if warmup > 0 else 1.0
+
+
+def step_decay(done: int, warmup: int, every: int) -> float:
+    """The learning-rate factor of the step after ``done`` steps in the reference's schedule: linear
+    up from 0 over ``warmup`` steps, and 10x lower after every ``every`` steps (PyTorch's StepLR,
+    counted in steps). The two multiply, so a drop within the warm-up holds after it too."""
+    return _warm_up(done, warmup) * (0.1 ** (done // every) if every > 0 else 1.0)
+
+
+def linear_decay(done: int, warmup: int, start: int, end: int) -> float:
+    """The learning-rate factor of the step after ``done`` steps: linear up from 0 over ``warmup``
+    steps, 1 until step ``start``, then linear down to reach 0 at step ``end`` (the run's last step
+    still has a small rate). Cooling down over the run's second part instead of the reference's
+    one 10x drop lets a short run end at a low rate without a long plateau at the high one."""
+    down = 1.0 if done < start else max(0.0, (end - done) / max(end - start, 1))
+    return _warm_up(done, warmup) * down
+
+
 REFERENCE = Recipe()

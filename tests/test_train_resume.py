@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from detr import compat
 
 from detr.files import TMP_GLOB
@@ -19,10 +21,13 @@ def train(out: Path, *args):
     return json.loads((out / "result.json").read_text()), result.stdout
 
 
-def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
-    straight, _ = train(tmp_path / "straight", "--epochs", "2")
-    train(tmp_path / "cut", "--epochs", "1")
-    resumed, stdout = train(tmp_path / "cut", "--epochs", "2", "--resume", str(tmp_path / "cut" / "checkpoint.pth"))
+@pytest.mark.parametrize("schedule", ["step", "linear"])
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, schedule):
+    # The rate drops, or starts its decay, after the first epoch: the resume restores it mid-schedule.
+    plan = ["--lr-schedule", schedule, "--lr-drop", "1"]
+    straight, _ = train(tmp_path / "straight", "--epochs", "2", *plan)
+    train(tmp_path / "cut", "--epochs", "1", *plan)
+    resumed, stdout = train(tmp_path / "cut", "--epochs", "2", *plan, "--resume", str(tmp_path / "cut" / "checkpoint.pth"))
     assert "resumed from" in stdout and "at epoch 1, step 6" in stdout
     assert resumed["steps"] == straight["steps"] == 12
     assert resumed["param_digests"] == straight["param_digests"]
