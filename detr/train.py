@@ -329,9 +329,11 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         ckpt = compat.load(args.resume, weights_only=False, map_location="cpu")
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):  # this run's plan: --epochs may move the end
-            group["lr"] = base * factor(lr_scheduler.last_epoch)
+        # The rate follows from the steps done and this run's plan (--epochs may move its end), so a
+        # checkpoint of the per-epoch StepLR that came before resumes too.
+        lr_scheduler.last_epoch = ckpt["steps"]
+        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+            group["lr"] = base * factor(ckpt["steps"])
         pending_eval = ckpt.get("pending_eval", False)
         earlier = ckpt.get("elapsed", 0.0)
         resumes = ckpt.get("resumes", []) + [{"checkpoint": str(args.resume), "epoch": ckpt["epoch"], "steps": ckpt["steps"]}]
