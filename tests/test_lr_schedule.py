@@ -1,4 +1,6 @@
 """The learning-rate schedules, one factor per step: the reference's 10x drops, and the linear cool-down."""
+import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,3 +36,13 @@ def test_the_step_schedule_drops_10x_every_n_steps_and_a_drop_in_the_warm_up_hol
     assert step_decay(done, warmup, every) == warm * 0.1 ** (done // every)
     if done >= every:
         assert step_decay(done, warmup, every) < warm  # the warm-up does not undo a drop
+
+
+def test_without_warm_up_the_step_schedule_is_pytorch_s_step_lr_counted_in_steps():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    reference = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    for done in range(30):
+        assert step_decay(done, 0, 7) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        optimizer.step()
+        reference.step()
