@@ -304,7 +304,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         factor = functools.partial(detr.step_decay, warmup=args.warmup_steps, every=args.lr_drop * steps_per_epoch)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if fault is not None:
-        planned = len(loader_train) * args.epochs if args.max_steps is None else min(args.max_steps, len(loader_train) * args.epochs)
+        planned = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
         if fault.step >= planned:
             raise SystemExit(f"--fail-at {args.fail_at}: this run has steps 0..{planned - 1}, "
                              "so the fault would never fire")
