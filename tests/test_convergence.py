@@ -74,9 +74,10 @@ def _seeds(means, sds, samples):
 
 
 def _half_width(values, runs=1, n=5):
-    """The prediction interval's half-width over n seeds, two statistics per run (Bonferroni)."""
-    t = stats.t.ppf(1 - 0.01 / (2 * 2 * runs), n - 1)
-    return t * statistics.stdev(values) * (1 + 1 / n) ** 0.5
+    """The half-width of the prediction interval of the mean of ``runs`` more runs over n seeds,
+    two statistics (Bonferroni)."""
+    t = stats.t.ppf(1 - 0.01 / (2 * 2), n - 1)
+    return t * statistics.stdev(values) * (1 / runs + 1 / n) ** 0.5
 
 
 @settings(max_examples=40, deadline=None)
@@ -129,13 +130,63 @@ def test_the_stated_false_positive_rate_holds_for_runs_distributed_like_the_refe
     assert 0.002 <= failed / trials <= 0.01 + 3 * (0.01 * 0.99 / trials) ** 0.5, failed / trials
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.1, 0.6), st.floats(0.005, 0.05), st.integers(2, 6), st.floats(0.05, 0.95))
+def test_more_runs_narrow_the_interval_by_their_mean(final, sd, runs, where):
+    """A shift inside one run's interval but beyond the interval of the mean of ``runs`` runs
+    passes one run and fails the runs, which all sit at the shifted curve (and their noise
+    cancels: one run below the shifted mean, one above)."""
+    from training.convergence import judge_against_seeds
+
+    samples = [1000.0, 2000.0]
+    reference = _seeds([final / 2, final], [sd, sd], samples)
+    finals = [c[-1]["mAP"] for c in reference]
+    narrow, wide = _half_width(finals, runs), _half_width(finals)
+    shift = narrow + where * (wide - narrow)
+    mean = [sum(c[k]["mAP"] for c in reference) / 5 for k in range(2)]
+    shifted = [{"samples": s, "mAP": m + shift * k} for k, (s, m) in enumerate(zip(samples, mean))]
+    assert judge_against_seeds([shifted], reference).passed
+    noise = [[{"samples": p["samples"], "mAP": p["mAP"] + e * sd} for p in shifted] for e in (-1, 1)]
+    device = (noise + [shifted] * runs)[:runs]
+    verdict = judge_against_seeds(device, reference)
+    assert not verdict.passed and f"the mean of {runs} run(s)" in verdict.method
+
+
+def test_the_stated_false_positive_rate_holds_for_the_mean_of_three_runs():
+    """8 runs from one distribution: the mean of 3 against the other 5 fails at most at 1 %."""
+    import numpy as np
+
+    from training.convergence import judge_against_seeds
+
+    rng = np.random.default_rng(1)
+    samples = np.arange(1, 11) * 1024.0
+    shape = 0.42 * (1 - np.exp(-samples / 8000))
+    trials, failed = 3000, 0
+    for _ in range(trials):
+        runs = shape + rng.normal(0, 0.01, (8, 1)) + rng.normal(0, 0.008, (8, len(samples)))
+        curves = [[{"samples": s, "mAP": float(m)} for s, m in zip(samples, r)] for r in runs]
+        failed += not judge_against_seeds(curves[:3], curves[3:]).passed
+    assert 0.002 <= failed / trials <= 0.01 + 3 * (0.01 * 0.99 / trials) ** 0.5, failed / trials
+
+
+def test_runs_that_stop_at_the_target_are_judged_up_to_the_shortest():
+    from training.convergence import judge_against_seeds
+
+    reference = _seeds([0.1, 0.2, 0.3], [0.01] * 3, [1000.0, 2000.0, 3000.0])
+    short = [{"samples": 1000.0, "mAP": 0.1}, {"samples": 2000.0, "mAP": 0.2}]
+    verdict = judge_against_seeds([short + [{"samples": 3000.0, "mAP": 0.9}], short], reference)
+    assert verdict.passed and "the mean of 2 run(s)" in verdict.method and "(up to 2000)" in verdict.method
+    with pytest.raises(ValueError, match="every device run needs at least one evaluation"):
+        judge_against_seeds([short, [{"samples": 1000.0, "mAP": None}]], reference)
+
+
 def test_points_beyond_the_reference_are_not_judged_and_one_seed_is_not_a_distribution():
     from training.convergence import judge_against_seeds
 
     reference = _seeds([0.1, 0.2], [0.01, 0.01], [1000.0, 2000.0])
     early = [{"samples": 500.0, "mAP": 0.05}, {"samples": 9000.0, "mAP": 0.9}]
     verdict = judge_against_seeds([early], reference, 0.0)
-    assert verdict.passed and "1 run(s) against 5 reference seeds at the same trained samples (up to 500)" in verdict.method
+    assert verdict.passed and "the mean of 1 run(s) against 5 reference seeds at the same trained samples (up to 500)" in verdict.method
     with pytest.raises(ValueError, match="no evaluation of the device"):
         judge_against_seeds([[{"samples": 9000.0, "mAP": 0.9}]], reference, 0.0)
     with pytest.raises(ValueError, match="at least 2 reference seeds"):

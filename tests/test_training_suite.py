@@ -63,7 +63,7 @@ def test_a_1x1_run_of_the_unchanged_recipe_is_judged_against_the_shipped_seeds(t
                            "--target-map=0.01", f"--report-dir={tmp_path / 'reports'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert re.search(r"cpu 1x1: convergence PASS: device 0\.\d+ vs reference 0\.\d+ \(tolerance 0\.000, 1 run\(s\) against "
+    assert re.search(r"cpu 1x1: convergence PASS: device 0\.\d+ vs reference 0\.\d+ \(tolerance 0\.000, the mean of 1 run\(s\) against "
                      r"\d+ reference seeds at the same trained samples \(up to 1024\)", done.stdout), done.stdout[-3000:]
     (row,) = json.loads((tmp_path / "reports" / "training_report.json").read_text())["rows"]
     assert "CPU fp32 seeds shipped with the suite" in row["reference"] and len(row["curves"]["reference"]) >= 5

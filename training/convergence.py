@@ -100,45 +100,49 @@ def _statistics(curve: Curve, samples: Sequence[float]) -> Tuple[float, float]:
 
 def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float = 0.0,
                         false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
-    """Each device run against the reference seeds, read at the device's own evaluations (the
+    """The device's runs against the reference seeds, read at the evaluations every run made (the
     reference interpolated at the same trained samples), by two statistics: the final mAP, and the
-    curve's mean over those evaluations (a run that gets there late, or early, moves it). Each must
-    lie inside ``mean +- (tolerance + t * sd * sqrt(1 + 1/n))`` of the n seeds' values, the
-    prediction interval of one more run, with t the Student quantile at ``false_positive_rate``
-    split over every statistic judged (Bonferroni). A device whose runs are distributed like the
-    reference's fails with probability at most ``false_positive_rate`` (normal mAPs); ``tolerance``
-    (absolute AP) is allowed on top. Evaluations beyond the reference's last one are not judged."""
+    curve's mean over those evaluations (a run that gets there late, or early, moves it). The mean
+    of the m runs' values must lie inside ``mean +- (tolerance + t * sd * sqrt(1/m + 1/n))`` of the
+    n seeds' values, the prediction interval of the mean of m more runs, with t the Student
+    quantile at ``false_positive_rate`` split over the two statistics (Bonferroni). A device whose
+    runs are distributed like the reference's fails with probability at most
+    ``false_positive_rate`` (normal mAPs), and more runs narrow the interval by averaging out the
+    seeds' spread; ``tolerance`` (absolute AP) is allowed on top. Evaluations beyond the
+    reference's last one, or beyond the shortest run, are not judged."""
     n = len(reference_curves)
     if n < 2:
         raise ValueError(f"need at least 2 reference seeds for a prediction interval, got {n}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    horizon = min(max(float(p["samples"]) for p in c if p.get("mAP") is not None) for c in reference_curves)
-    runs = [[float(p["samples"]) for p in c if p.get("mAP") is not None and float(p["samples"]) <= horizon]
-            for c in device_curves]
-    if not any(runs):
+
+    def last(c: Curve) -> float:
+        return max((float(p["samples"]) for p in c if p.get("mAP") is not None), default=-1.0)
+
+    horizon = min(last(c) for c in reference_curves)
+    runs = list(device_curves)
+    if not runs or any(last(c) < 0 for c in runs):
+        raise ValueError("every device run needs at least one evaluation")
+    shortest = min(last(c) for c in runs)
+    samples = [float(p["samples"]) for p in runs[0] if p.get("mAP") is not None and float(p["samples"]) <= min(horizon, shortest)]
+    if not samples:
         raise ValueError("no evaluation of the device lies within the reference curves' trained samples")
-    runs = [(c, s) for c, s in zip(device_curves, runs) if s]
-    t = float(stats.t.ppf(1 - false_positive_rate / (2 * 2 * len(runs)), n - 1))
-    worst, shown, finals = None, [], None
-    for curve, samples in runs:
-        device = _statistics(curve, samples)
-        reference = [_statistics(r, samples) for r in reference_curves]
-        if finals is None:  # the first run's, which the verdict's summary shows
-            finals = (device[0], sum(r[0] for r in reference) / n)
-        for k, name in enumerate(("final mAP", "curve mean")):
-            ref = [r[k] for r in reference]
-            mean = sum(ref) / n
-            sd = statistics.stdev(ref)
-            half = tolerance + t * sd * math.sqrt(1 + 1 / n)
-            excess = abs(device[k] - mean) - half
-            shown.append(f"{name} {device[k]:.4f} vs {mean:.4f} +- {half:.4f}")
-            if worst is None or excess > worst:
-                worst = excess
-    first = runs[0]
-    method = (f"{len(runs)} run(s) against {n} reference seeds at the same trained samples (up to {first[1][-1]:.0f}), "
+    m = len(runs)
+    t = float(stats.t.ppf(1 - false_positive_rate / (2 * 2), n - 1))
+    device = [sum(v) / m for v in zip(*(_statistics(c, samples) for c in runs))]
+    reference = [_statistics(r, samples) for r in reference_curves]
+    worst, shown = None, []
+    for k, name in enumerate(("final mAP", "curve mean")):
+        ref = [r[k] for r in reference]
+        mean = sum(ref) / n
+        half = tolerance + t * statistics.stdev(ref) * math.sqrt(1 / m + 1 / n)
+        excess = abs(device[k] - mean) - half
+        shown.append(f"{name} {device[k]:.4f} vs {mean:.4f} +- {half:.4f}")
+        worst = excess if worst is None else max(worst, excess)
+    method = (f"the mean of {m} run(s) against {n} reference seeds at the same trained samples (up to {samples[-1]:.0f}), "
               f"prediction intervals, false-positive rate {false_positive_rate:g}: " + "; ".join(shown))
-    return Verdict(worst <= 1e-9, finals[0], finals[1], tolerance, method)  # 1e-9: rounding of the mean
+    final_reference = sum(r[0] for r in reference) / n
+    return Verdict(worst <= 1e-9, device[0], final_reference, tolerance, method)  # 1e-9: rounding of the mean
 
 
 def judge_target(device_curves: Sequence[Curve], target: float, tolerance: float, source: str) -> Verdict:
