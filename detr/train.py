@@ -100,6 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-backend", default=None, help="process group backend; default by device: " + ", ".join(f"{k} {b.dist_backend}" for k, b in BACKENDS.items() if k not in VARIANTS))
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for a rank before the job fails")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--init-seed", type=int, default=None, help="seed of the initial weights alone; default: --seed, which also orders the data")
     p.add_argument("--output-dir", default="outputs", help="checkpoints, log.jsonl and result.json go here")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override, e.g. hidden_dim=128; repeatable")
@@ -252,7 +253,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     # Each rank evaluates every world_size-th image; no padding, so no image is counted twice.
     val_share = Subset(dataset_val, range(info.rank, len(dataset_val), info.world_size))
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    torch.manual_seed(args.seed if args.init_seed is None else args.init_seed)  # the same initial weights on every rank
     model, criterion, postprocess = detr.build(args.model, num_classes=n_classes, lr_backbone=args.lr_backbone, **overrides)
     # Channels-last weights make every convolution run NHWC, the layout oneDNN computes in.
     model.to(device, memory_format=torch.channels_last if args.channels_last == "on" else torch.preserve_format)
@@ -479,7 +480,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
         "fix_hp": {"batch_size_per_device": args.batch_size, "global_batch_size": args.batch_size * world, "lr": args.lr,
                    "lr_backbone": args.lr_backbone, "weight_decay": args.weight_decay, "lr_drop": args.lr_drop, "lr_schedule": args.lr_schedule,
                    "clip_max_norm": args.clip_max_norm, "epochs": args.epochs, "max_steps": args.max_steps,
-                   "seed": args.seed, "model_overrides": overrides},
+                   "seed": args.seed, "init_seed": args.init_seed, "model_overrides": overrides},
         "e2e_time": elapsed(), "resumed": resumes, "steps": steps_done, **counters,
         "mAP": result["AP"], "best_mAP": best, "target_mAP": args.target_map, "target_reached": target_hit,
         "mem_actual_gib": mem_actual or None, "mem_total_gib": total_memory_gib(xpu),

@@ -1,4 +1,5 @@
-"""``python -m detr.train --resume`` continues an interrupted run to the same result, bit for bit."""
+"""``python -m detr.train --resume`` continues an interrupted run to the same result, bit for bit, and
+``--init-seed`` moves the initial weights alone."""
 import json
 import subprocess
 import sys
@@ -52,3 +53,13 @@ def test_temporary_files_of_a_killed_write_are_cleaned_at_start(tmp_path):
     train(out, "--epochs", "1", "--max-steps", "1")
     assert not any(path.exists() for path in stale) and (out / "checkpoint.pth").exists()
     assert not list(out.rglob(TMP_GLOB))
+
+
+def test_the_init_seed_defaults_to_the_seed_and_moves_the_initial_weights(tmp_path):
+    one = ["--epochs", "1", "--max-steps", "1", "--eval-every", "0"]
+    plain, _ = train(tmp_path / "plain", *one)
+    same, _ = train(tmp_path / "same", *one, "--init-seed", "7")
+    other, _ = train(tmp_path / "other", *one, "--init-seed", "8")
+    assert same["param_digests"] == plain["param_digests"] and same["step_losses"] == plain["step_losses"]
+    assert other["param_digests"] != plain["param_digests"] and other["step_losses"] != plain["step_losses"]
+    assert other["fix_hp"]["init_seed"] == 8 and plain["fix_hp"]["init_seed"] is None
