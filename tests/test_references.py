@@ -9,7 +9,7 @@ from detr.train import synthetic_recipe
 from fixtures import training as fixture
 from training.convergence import judge_against_seeds, load_curves
 from training.launch import Topology
-from training.make_references import DEFAULT, first_reaching
+from training.make_references import DEFAULT, first_reaching, main as make_references
 
 
 class Options:
@@ -111,3 +111,17 @@ def test_the_variant_s_spread_lets_a_device_at_half_the_speed_pass(slower, caugh
     mean = mean_curve(curves)
     late = [{"samples": p["samples"] * slower, "mAP": p["mAP"]} for p in mean]
     assert judge_against_seeds([late], curves).passed is not caught
+
+
+def test_append_adds_seeds_only_to_a_file_of_this_recipe_without_repeating_one(tmp_path):
+    data = json.loads(DEFAULT.read_text())
+    path = tmp_path / "seeds.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="already holds seed\\(s\\) 42"):
+        make_references(["--append", "--seeds", "42", "47", "--out", str(path)])
+    data["meta"]["recipe"]["recipe"]["epochs"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="was made with another recipe than this code's"):
+        make_references(["--append", "--seeds", "47", "--out", str(path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        make_references(["--append", "--seeds", "47", "--out", str(tmp_path / "none.json")])

@@ -3,6 +3,7 @@ synthetic set, 1x1, fp32) trained on the CPU, once per seed, with each run's pro
 torch version, machine, date).
 
     python -m training.make_references --seeds 42 43 44 45 46   # the shipped file
+    python -m training.make_references --append --seeds 47 48   # two more seeds in it
 
 Each run trains the whole recipe, evaluating every 128 steps, and is not stopped at a target:
 ``--target`` only records when each seed first reached it. ``--max-steps`` keeps the first
@@ -25,7 +26,7 @@ import torch
 
 from detr.device import cpu_model
 from detr.train import synthetic_recipe
-from training.convergence import save_curves
+from training.convergence import read_curve_file, save_curves
 
 REFERENCES = Path(__file__).resolve().parent / "references"
 DEFAULT = REFERENCES / "synthetic_tiny_1x1_fp32.json"
@@ -60,8 +61,10 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (default: the whole recipe)")
     p.add_argument("--target", type=float, default=0.40, help="record when each seed first reaches this mAP (default 0.40)")
     p.add_argument("--out", type=Path, default=DEFAULT)
+    p.add_argument("--append", action="store_true",
+                   help="add the seeds to --out, which must hold this recipe's curves (more seeds narrow the verdict's intervals)")
     args = p.parse_args(argv)
-    runs = []
+    runs = existing_runs(args.out, args.seeds) if args.append else []
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
             runs.append(run_seed(seed, args.threads, args.max_steps, Path(work), args.target))
@@ -70,6 +73,24 @@ def main(argv=None) -> None:
                   f"{args.target} first at {done['first_at_target']}", flush=True)
             save(args, runs)  # each finished seed is kept, should a later one fail
     print(f"wrote {args.out}")
+
+
+def existing_runs(path: Path, seeds) -> list:
+    """The runs already in ``path``, refused when they were made with another recipe or hold one
+    of ``seeds``."""
+    try:
+        curves, meta = read_curve_file(path)
+    except ValueError as exc:
+        raise SystemExit(f"--append: {exc}") from None
+    if meta.get("recipe") != synthetic_recipe():
+        raise SystemExit(f"--append: {path} was made with another recipe than this code's")
+    made = meta.get("provenance") or []
+    if len(made) != len(curves):
+        raise SystemExit(f"--append: {path} has {len(curves)} curves but {len(made)} provenance records")
+    again = sorted({m["seed"] for m in made} & set(seeds))
+    if again:
+        raise SystemExit(f"--append: {path} already holds seed(s) {', '.join(map(str, again))}")
+    return [{"curve": c, "provenance": m} for c, m in zip(curves, made)]
 
 
 def save(args: argparse.Namespace, runs) -> None:
