@@ -211,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     progress = D.Progress(Path(args.output_dir), info.rank, info.world_size)
     try:
         with xpu.kernels():
-            return train(args, info, xpu, backend, overrides, fault, synthetic, threads, process_start, progress)
+            # The device's kernels may run on fewer threads (cpu-alt: one); the report says what ran.
+            return train(args, info, xpu, backend, overrides, fault, synthetic, torch.get_num_threads(), process_start, progress)
     except DatasetError as exc:
         raise SystemExit(f"dataset: {exc}") from exc
     except Exception as exc:
