@@ -2,8 +2,8 @@
 synthetic set, 1x1, fp32) trained on the CPU, once per seed, with each run's provenance (command,
 torch version, machine, date).
 
-    python -m training.make_references --seeds 42 43 44 45 46   # the shipped file
-    python -m training.make_references --append --seeds 47 48   # two more seeds in it
+    python -m training.make_references --seeds 42 43 44 45 46            # the shipped file's first five
+    python -m training.make_references --append --seeds 47 48 49 50 51   # and the next five
 
 Each run trains the whole recipe, evaluating every 128 steps, and is not stopped at a target:
 ``--target`` only records when each seed first reached it. ``--max-steps`` keeps the first
