@@ -148,6 +148,8 @@ def test_append_adds_seeds_only_to_a_file_of_this_recipe_without_repeating_one(t
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="already holds seed\\(s\\) 42"):
         make_references(["--append", "--seeds", "42", "47", "--out", str(path)])
+    with pytest.raises(SystemExit, match="made with --max-steps None, not 128"):
+        make_references(["--append", "--seeds", "47", "--max-steps", "128", "--out", str(path)])
     data["meta"]["recipe"]["recipe"]["epochs"] = 3
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="was made with another recipe than this code's"):

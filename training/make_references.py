@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--append", action="store_true",
                    help="add the seeds to --out, which must hold this recipe's curves (more seeds narrow the verdict's intervals)")
     args = p.parse_args(argv)
-    runs = existing_runs(args.out, args.seeds) if args.append else []
+    runs = existing_runs(args.out, args.seeds, args.max_steps) if args.append else []
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
             runs.append(run_seed(seed, args.threads, args.max_steps, Path(work), args.target))
@@ -75,15 +75,17 @@ def main(argv=None) -> None:
     print(f"wrote {args.out}")
 
 
-def existing_runs(path: Path, seeds) -> list:
-    """The runs already in ``path``, refused when they were made with another recipe or hold one
-    of ``seeds``."""
+def existing_runs(path: Path, seeds, max_steps: Optional[int]) -> list:
+    """The runs already in ``path``, refused when they were made with another recipe or another
+    ``--max-steps``, or hold one of ``seeds``."""
     try:
         curves, meta = read_curve_file(path)
     except ValueError as exc:
         raise SystemExit(f"--append: {exc}") from None
     if meta.get("recipe") != synthetic_recipe():
         raise SystemExit(f"--append: {path} was made with another recipe than this code's")
+    if meta.get("max_steps") != max_steps:
+        raise SystemExit(f"--append: {path} was made with --max-steps {meta.get('max_steps')}, not {max_steps}")
     made = meta.get("provenance") or []
     if len(made) != len(curves):
         raise SystemExit(f"--append: {path} has {len(curves)} curves but {len(made)} provenance records")
