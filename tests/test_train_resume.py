@@ -67,9 +67,5 @@ def test_the_init_seed_defaults_to_the_seed_and_moves_the_initial_weights(tmp_pa
 
 def test_the_result_names_the_threads_the_device_s_kernels_ran_on(tmp_path):
     """cpu-alt computes on one thread whatever --threads asks for (it is the CPU with other kernels)."""
-    result = subprocess.run([sys.executable, "-m", "detr.train", *COMMON, "--threads", "2", "--device", "cpu-alt",
-                             "--epochs", "1", "--max-steps", "1", "--eval-every", "0", "--output-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "result.json").read_text())["threads_per_rank"] == 1
-    assert "1 thread(s) per rank" in result.stdout
+    result, stdout = train(tmp_path, "--threads", "2", "--device", "cpu-alt", "--epochs", "1", "--max-steps", "1", "--eval-every", "0")
+    assert result["threads_per_rank"] == 1 and "1 thread(s) per rank" in stdout
