@@ -2,6 +2,7 @@
 #   make conformance   the conformance suite (pytest -m xpu) on the best available device
 #   make test          the project's own tests and the suite, without the long training tests
 #   make test-oldest   the oldest supported stack (Python 3.8, torch 1.12.1) in .venv-oldest
+#   make lint          ruff (pyproject.toml's [tool.ruff]: line length 120, errors, unused names, import order)
 # Options: XPU=cuda:0 PYTEST_ARGS="--model-config tiny" PYTHON=python3.11
 PYTHON ?= python3
 XPU ?= auto
@@ -17,7 +18,10 @@ OLDEST_TORCH := torch==1.12.1 torchvision==0.13.1 numpy<2
 SITE_PTH := import sys; [print("import site; site.addsitedir(" + repr(p) + ")") for p in sys.path \
 	if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
 
-.PHONY: conformance test test-oldest _oldest clean
+.PHONY: conformance test test-oldest _oldest lint clean
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .
 
 conformance: $(STAMP)
 	$(VPY) -m pytest -m xpu --xpu $(XPU) $(PYTEST_ARGS)

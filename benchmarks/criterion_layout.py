@@ -14,9 +14,9 @@ import torch
 
 import detr
 from detr import box_ops
-from detr.device import resolve
 from detr.engine import weighted_loss
 from fixtures.models import make_batch
+from runtime.device import resolve
 
 
 def reference_layout(criterion, outputs, targets):

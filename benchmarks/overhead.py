@@ -25,7 +25,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from pytest_benchmark.utils import NameWrapper
 
 from fixtures.steps import Step, TrainStep, Workload
-from parity.device import Device, import_plugins, resolve_device
+from runtime.device import Device, import_plugins, resolve_device
 
 LIMIT = 0.02
 

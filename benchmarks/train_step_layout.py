@@ -17,7 +17,7 @@ from detr.data import build_dataset, ensure_synthetic
 from detr.data.coco import num_classes
 from detr.engine import train_step
 from detr.misc import NestedTensor, collate_fn
-from detr.train import RECIPES, SYNTHETIC_DATA
+from training.train import RECIPES, SYNTHETIC_DATA
 
 
 def main() -> None:

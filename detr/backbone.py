@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import compat
+from runtime import compat
+
 from .misc import NestedTensor
 from .position_encoding import build_position_encoding
 

@@ -33,9 +33,6 @@ class ModelConfig:
     eos_coef: float = 0.1
 
 
-# The precisions a run can be in; parity/precision.py and detr/train.py say what each means there.
-PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
-
 CONFIGS = {
     "r50": ModelConfig(),
     "tiny": ModelConfig(

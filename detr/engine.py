@@ -12,7 +12,8 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from . import compat
+from runtime import compat
+
 from .coco_eval import CocoEvaluator
 from .misc import NonFiniteError
 from .recipe import REFERENCE
@@ -148,7 +149,7 @@ def train_one_epoch(
 
     ``after_step`` runs after every optimizer step, e.g. a per-step learning-rate warm-up;
     ``progress(step, phase)`` is told where the step is, before each phase (see :data:`PHASES`).
-    ``checks`` (e.g. :class:`detr.ddp_check.DDPEquivalence`) has ``before(step, samples, targets)``,
+    ``checks`` (e.g. :class:`training.ddp_check.DDPEquivalence`) has ``before(step, samples, targets)``,
     ``after_backward(step)`` and ``after_step(step)``; their time is left out of the step's timings.
     ``pause(step, stats)`` runs after each step with the epoch's figures so far (e.g. an evaluation
     every N steps); its time is left out of the epoch's, and when it returns True the epoch ends.

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from detr.device import CpuBackend
+from runtime.device import CpuBackend
 
 # A made-up vendor's math-library table (float32 ulps), to show the mechanism: a real one comes
 # from the vendor's documentation, as CUDA's does for the suite's own "cuda" table.

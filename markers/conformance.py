@@ -8,7 +8,7 @@ that is not installed; a module registered twice is loaded once.
 import gc
 
 pytest_plugins = ["markers.plugin", "fixtures.device", "fixtures.models", "fixtures.data", "fixtures.parity",
-                  "fixtures.benchmark", "fixtures.training"]
+                  "fixtures.benchmark", "fixtures.training", "fixtures.params"]
 
 
 def pytest_collection_finish(session) -> None:

@@ -1,7 +1,7 @@
 """Hooks for vendors: implement them in a ``conftest.py`` or in an installed plugin (a ``pytest11``
 entry point) to extend the suite without editing it. Example, a conftest.py next to pytest.ini::
 
-    from detr.device import CpuBackend
+    from runtime.device import CpuBackend
 
     def pytest_detr_register_devices(register):
         register("cpu-fp64acc", CpuBackend())  # --xpu cpu-fp64acc: a variant of the CPU
@@ -23,8 +23,8 @@ hookspec = pluggy.HookspecMarker("pytest")
 def pytest_detr_register_devices(register) -> None:
     """Registers or replaces device backends, before ``--xpu`` is resolved.
 
-    ``register(name, backend)`` is :func:`detr.device.register_backend`: ``backend`` is a
-    :class:`detr.device.Backend` (synchronise, memory, seed, autocast dtype, TF32 switches,
+    ``register(name, backend)`` is :func:`runtime.device.register_backend`: ``backend`` is a
+    :class:`runtime.device.Backend` (synchronise, memory, seed, autocast dtype, TF32 switches,
     process-group backend, versions). A ``name`` equal to the backend's device type replaces the
     suite's entry for that type; another name adds a variant that ``--xpu name`` selects.
     """
@@ -38,5 +38,5 @@ def pytest_detr_adjust_error_model(model, part: str, precision: str, device) -> 
     ``model.set_ulp_budget(function, ulps, reason)`` with a documented accuracy table, or
     ``model.scale(op, factor, reason)`` to widen or tighten every allowance of one op. ``part`` is
     the part's name (``"transformer"``), ``precision`` one of fp32, tf32, amp, fp16, bf16, and
-    ``device`` the :class:`detr.device.Device` under test.
+    ``device`` the :class:`runtime.device.Device` under test.
     """

@@ -1,5 +1,6 @@
-"""Command-line options of the suite, their validation (bad values are usage errors, exit 4),
-and the hooks that apply markers."""
+"""The suite's pytest hooks, one implementation of each: options and their validation (bad values
+are usage errors, exit 4), the session's state, markers, expectations, and the reports and
+terminal summary at the end."""
 import os
 import re
 from collections import Counter
@@ -8,14 +9,17 @@ from typing import Optional
 
 import pytest
 
-from detr import compat
-from detr.config import CONFIGS, PRECISIONS
+from markers import options, pytest_compat
 from markers.expectations import Expectations, ExpectationsError
+from markers.options import MODEL_CONFIGS
 from markers.state import STATE, SuiteState, state, state_or_none
-from parity.device import VARIANTS, DeviceError, import_plugins, register_backend, resolve
 from parity.faults import parse_faults
+from parity.report import summary_lines, write_report
+from runtime import compat
+from runtime.device import DeviceError, import_plugins, register_backend, resolve
+from runtime.precision import PRECISIONS, parse_precision_names
+from training import report as training_report
 
-MODEL_CONFIGS = tuple(CONFIGS)
 SUITE_DIR = Path(__file__).resolve().parent.parent / "suite"
 # Declared by the plugin, not pytest.ini, so that an installed suite has them wherever it runs.
 MARKERS = {
@@ -36,35 +40,20 @@ def pytest_addhooks(pluginmanager) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("detr", "DETR accelerator conformance")
-    group.addoption("--xpu", default="auto", help="device under test: auto (default), cpu, cuda, cuda:1, xpu, npu:0, ..., "
-                                                  f"or {', '.join(VARIANTS)} (the CPU with other real kernels)")
-    group.addoption("--xpu-plugin", action="append", default=[], metavar="MODULE",
-                    help="import a vendor extension first (torch_xmlir, torch_npu, torch_mlu, torch_musa, ...); repeatable")
-    group.addoption("--precision", default="fp32", help=f"comma-separated precisions under test: {', '.join(PRECISIONS)} (default fp32)")
-    group.addoption("--model-config", default="r50", help=f"DETR configuration: {' or '.join(MODEL_CONFIGS)} (default r50)")
-    group.addoption("--coco-path", default=None, help="COCO 2017 folder (train2017/, val2017/, annotations/); default: the generated synthetic set")
-    group.addoption("--report-dir", default="reports", help="folder for JSON, Markdown and PNG reports (default reports/)")
-    group.addoption("--inject-fault", action="append", default=[], metavar="SPEC", dest="inject_fault",
-                    help="perturb an aten op on the device under test only: <aten op>[.<overload>]:<kind>[=<value>], "
-                         "kinds noise, offset, scale, round=bf16|fp16|tf32, nan, inf, zero, delay; repeatable")
-    group.addoption("--expectations", default=None, metavar="FILE",
-                    help="known failures of this device: one '<node id or pattern> <reason>' a line; they become strict xfails")
-    parser.addini("expectations", "default for --expectations, relative to the ini file", default=None)
+    options.add_options(parser)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args) -> None:
     # Only reached before the conftests load when the suite is installed (its pytest11 entry point).
-    compat.reroot(early_config, args)
+    pytest_compat.reroot(early_config, args)
 
 
 def parse_precisions(value: str):
-    names = [p.strip() for p in value.split(",") if p.strip()]
-    bad = [p for p in names if p not in PRECISIONS]
-    if not names or bad:
-        raise pytest.UsageError(f"--precision {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
-    return names
+    try:
+        return parse_precision_names(value)
+    except ValueError:
+        raise pytest.UsageError(f"--precision {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}") from None
 
 
 def registered_markers(config: pytest.Config) -> set:
@@ -92,35 +81,49 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
     if config.getoption("--model-config") not in MODEL_CONFIGS:
-        raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: expected {' or '.join(MODEL_CONFIGS)}")
+        raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: "
+                                f"expected {' or '.join(MODEL_CONFIGS)}")
     precisions = parse_precisions(config.getoption("--precision"))
     try:
         faults = [f.spec for f in parse_faults(config.getoption("inject_fault"))]
     except ValueError as exc:
         raise pytest.UsageError(f"--inject-fault: {exc}") from None
-    coco_path = config.getoption("--coco-path")
-    coco_batch = None
-    if coco_path is not None and not os.path.isdir(coco_path):
-        raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")
-    if coco_path is not None:
-        # checked before any test runs: the parity batch's images decode, their annotations load
-        from detr import get_config
-        from detr.data.coco import DatasetError
-        from fixtures.data import coco_parity_batch
+    coco_batch = check_coco_path(config)
+    xpu = device_under_test(config)
+    options.check_training_options(config)
+    config.stash[STATE] = SuiteState(xpu=xpu, precisions=precisions, model_config=config.getoption("--model-config"),
+                                     faults=faults, fault_fired=Counter({spec: 0 for spec in faults}),
+                                     coco_batch=coco_batch, expectations=load_expectations(config),
+                                     bench=options.bench_options(config, xpu.accelerator))
+    options.root_benchmark_storage(config)
 
-        try:
-            coco_batch = coco_parity_batch(coco_path, get_config(config.getoption("--model-config")).num_classes)
-        except DatasetError as exc:
-            raise pytest.UsageError(f"--coco-path {coco_path}: {exc}") from None
+
+def check_coco_path(config: pytest.Config):
+    """With ``--coco-path``, the parity batch, checked before any test runs: its images decode and
+    their annotations load. None without."""
+    coco_path = config.getoption("--coco-path")
+    if coco_path is None:
+        return None
+    if not os.path.isdir(coco_path):
+        raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")
+    from detr import get_config
+    from detr.data.batch import coco_parity_batch
+    from detr.data.coco import DatasetError
+
+    try:
+        return coco_parity_batch(coco_path, get_config(config.getoption("--model-config")).num_classes)
+    except DatasetError as exc:
+        raise pytest.UsageError(f"--coco-path {coco_path}: {exc}") from None
+
+
+def device_under_test(config: pytest.Config):
+    """``--xpu`` resolved, after the ``--xpu-plugin`` modules and the vendor hooks' devices."""
     try:
         import_plugins(config.getoption("--xpu-plugin"))
         config.hook.pytest_detr_register_devices(register=register_backend)
-        xpu = resolve(config.getoption("--xpu"))
+        return resolve(config.getoption("--xpu"))
     except DeviceError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[STATE] = SuiteState(xpu=xpu, precisions=precisions, model_config=config.getoption("--model-config"),
-                                     faults=faults, fault_fired=Counter({spec: 0 for spec in faults}), coco_batch=coco_batch,
-                                     expectations=load_expectations(config))
 
 
 def load_expectations(config: pytest.Config) -> Optional[Expectations]:
@@ -183,7 +186,12 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_report_header(config: pytest.Config):
     st = state(config)
-    return f"device under test: {st.xpu.label} (--xpu {config.getoption('--xpu')}); precision: {','.join(st.precisions)}; model: {st.model_config}"
+    bench = st.bench
+    kind = "CPU defaults" if not st.xpu.accelerator else "FlagPerf fix_hp defaults"
+    return [f"device under test: {st.xpu.label} (--xpu {config.getoption('--xpu')}); "
+            f"precision: {','.join(st.precisions)}; model: {st.model_config}",
+            f"benchmarks: batch {','.join(map(str, bench.batch_sizes))}, {bench.image_size} px short side, "
+            f"{bench.warmup} warm-up steps ({kind} unless set); storage {config.getoption('benchmark_storage', None)}"]
 
 
 def faults_never_fired(config: pytest.Config) -> list:
@@ -194,8 +202,11 @@ def faults_never_fired(config: pytest.Config) -> list:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    """A fault that fired nowhere proves nothing: a typo, or an op that the selected tests never
-    run. That fails the session instead of passing silently."""
+    """Writes the parity report. A fault that fired nowhere proves nothing: a typo, or an op that the
+    selected tests never run. That fails the session instead of passing silently."""
+    st = state_or_none(session.config)
+    if st and st.parity_results:
+        st.parity_report = write_report(session.config.getoption("--report-dir"), st.parity_results)
     if session.testscollected and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) \
             and faults_never_fired(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -203,16 +214,34 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     st = state_or_none(config)
+    if st and st.parity_results:
+        write_parity_summary(terminalreporter, st)
+    if st and st.training_rows:
+        terminalreporter.section("DETR training (FlagPerf metrics)")
+        for line in training_report.summary_lines(st.training_rows, config.getoption("--report-dir")):
+            terminalreporter.write_line(line)
     if st and st.expectations:
         write_expectations_summary(terminalreporter, st.expectations)
     for api, instead in compat.fallbacks().items():
         terminalreporter.write_line(f"warning: {api} is missing in this torch; {instead}", yellow=True)
     missed = faults_never_fired(config)
-    if missed and compat.session_of(terminalreporter).testscollected:
+    if missed and pytest_compat.session_of(terminalreporter).testscollected:
         terminalreporter.section("injected faults", red=True)
         for spec in missed:
             terminalreporter.write_line(f"ERROR: --inject-fault {spec!r} never fired: no selected test ran an op "
                                         "that matches it", red=True)
+
+
+def write_parity_summary(terminalreporter, st: SuiteState) -> None:
+    terminalreporter.section("DETR parity")
+    for line in summary_lines(st.parity_results):
+        terminalreporter.write_line(line)
+    paths = st.parity_report
+    if paths and paths.get("warning"):
+        terminalreporter.write_line(f"warning: {paths['warning']}", yellow=True, bold=True)
+    if paths:
+        terminalreporter.write_line(f"report: {paths['json']} and {paths['markdown']}; "
+                                    f"{len(paths['plots'])} margin plot(s) in {paths['json'].parent}")
 
 
 def write_expectations_summary(terminalreporter, expectations: Expectations) -> None:

@@ -12,12 +12,12 @@ import pytest
 
 @dataclass
 class SuiteState:
-    xpu: Any  # detr.device.Device: the device under test
+    xpu: Any  # runtime.device.Device: the device under test
     precisions: List[str]
     model_config: str
     faults: List[str] = field(default_factory=list)
     fault_fired: Counter = field(default_factory=Counter)
-    coco_batch: Optional[Any] = None  # fixtures.data.CocoBatch with --coco-path
+    coco_batch: Optional[Any] = None  # detr.data.batch.CocoBatch with --coco-path
     expectations: Optional[Any] = None  # markers.expectations.Expectations with --expectations
     bench: Optional[Any] = None  # fixtures.benchmark.BenchOptions
     parity_results: List[Dict[str, Any]] = field(default_factory=list)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from detr import compat
+from runtime import compat
 
 from .faults import FaultSpec, apply_faults, is_view_op, parse_faults
 from .metrics import bind_arguments

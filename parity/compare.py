@@ -18,11 +18,11 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from detr import compat
+from runtime import compat
+from runtime.device import Device, resolve
 
 from . import ensemble
 from .capture import Trace, capture, cpu_copy
-from .device import Device, resolve
 from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, identical, identical_judgement, judge_integer
@@ -290,7 +290,7 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
                  seed: int = 0, keep: str = "outputs", whole_run: bool = True, replay_ops: bool = True,
                  ensemble_size: int = ensemble.ENSEMBLE_SIZE) -> PartResult:
     """Checks one part on ``device`` (a torch device, a device string such as ``cpu-alt``, or a
-    :class:`~parity.device.Device`) in ``precision``.
+    :class:`~runtime.device.Device`) in ``precision``.
 
     ``build`` makes the module (or is it); its weights are copied into a float64 CPU golden, a CPU
     baseline, the ensemble's perturbed CPU baselines and a device copy. ``inputs`` is a pytree of

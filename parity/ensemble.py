@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import f as f_distribution
 
-from detr import compat
+from runtime import compat
 
 from .errormodel import REFERENCE_ULPS, ROUNDING_ULPS
 from .judge import OutputJudgement, nonfinite_verdict, structure_verdict

@@ -12,7 +12,7 @@ inputs) the allowed absolute error is the largest of these components:
                from above. The smallest normal allows flushing subnormal results to zero, a common
                accelerator mode.
 ``ulp budget`` ``(budget + REFERENCE_ULPS) * eps * |G|`` for elementwise functions, with the documented
-               worst-case error of the function in ulps (``reference/ACCURACY.md``): the CUDA Math
+               worst-case error of the function in ulps (``docs/accuracy.md``): the CUDA Math
                API on ``cuda``, the larger of CUDA's and OpenCL's elsewhere. Half-precision results
                are computed in float32 and rounded, so their budget is the rounding.
 ``fma``        ``eps * |intermediate|`` for compound elementwise ops (addcmul, addcdiv, lerp, add with
@@ -57,7 +57,7 @@ FLOAT32_U = 2.0 ** -24
 # Reductions whose reference CPU kernel accumulates half-precision operands in the half type.
 HALF_ACCUMULATION = ("native_layer_norm_backward",)
 
-# Documented worst-case float32 errors in ulps (reference/ACCURACY.md). "cuda": the CUDA Math API,
+# Documented worst-case float32 errors in ulps (docs/accuracy.md). "cuda": the CUDA Math API,
 # which PyTorch's CUDA kernels call; "default": the larger of CUDA's and the OpenCL full profile's,
 # for backends whose vendor documents nothing tighter. Division counts 2: PyTorch's CUDA kernel
 # divides a tensor by a scalar as a * (1/b).

@@ -16,7 +16,8 @@ from typing import Iterable, Iterator, List, Sequence, Union
 
 import torch
 
-from detr import compat
+from runtime import compat
+from runtime.faultspec import parse_kind
 
 from .precision import round_to_tf32
 from .ulp import perturb_ulps
@@ -138,12 +139,7 @@ def parse_fault(spec: str, seed: int = 0) -> FaultSpec:
     if not sep or not op or not rest:
         raise ValueError(f"fault spec {spec!r}: expected {GRAMMAR}")
     _check_op(op, spec)
-    kind, has_value, raw = rest.partition("=")
-    if kind not in KINDS:
-        raise ValueError(f"fault spec {spec!r}: unknown kind {kind!r}; accepted kinds:\n  "
-                         + "\n  ".join(KINDS.values()))
-    if kind in VALUE_REQUIRED and not has_value:
-        raise ValueError(f"fault spec {spec!r}: kind {kind!r} needs a value: {KINDS[kind]}")
+    kind, has_value, raw = parse_kind(rest, KINDS, spec, VALUE_REQUIRED)
     value: Union[float, str, None] = None
     if kind == "round":
         if raw not in ROUND_FORMATS:

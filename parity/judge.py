@@ -23,9 +23,15 @@ import numpy as np
 import torch
 
 from .errormodel import Allowance
-from .metrics import (TensorMetrics, all_finite, as_numpy64, metrics_of_difference, mismatches, nonfinite_masks,
-                      rmse_of_difference)
-
+from .metrics import (
+    TensorMetrics,
+    all_finite,
+    as_numpy64,
+    metrics_of_difference,
+    mismatches,
+    nonfinite_masks,
+    rmse_of_difference,
+)
 
 IDENTICAL = "pass: bit-identical to the baseline"
 _SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}

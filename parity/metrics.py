@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from detr import compat
+from runtime import compat
 
 # Denominator floor of the relative error, as a share of the golden tensor's largest magnitude:
 # near-zero golden values would otherwise turn tiny absolute errors into huge relative ones.

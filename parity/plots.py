@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List
 
-from detr.files import PathLike, atomic_write
+from runtime.files import PathLike, atomic_write
 
 FLOOR = 1e-4  # margins of exact ops (0) are drawn at the bottom of the log axis
 

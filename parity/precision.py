@@ -15,10 +15,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
-from detr import compat
-from detr.config import PRECISIONS
-
-from .device import Device
+from runtime import compat
+from runtime.device import Device
+from runtime.precision import PRECISIONS, parse_precision_names
 
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -81,14 +80,9 @@ class Precision:
     def backend(self, device: torch.device, emulate_tf32: bool = False) -> Iterator[None]:
         """TF32 switches for a run on ``device`` (and TF32 emulation when asked), restored after.
         No autocast: this is the context for replaying single aten ops."""
-        device = Device(torch.device(device))
-        saved = _tf32_state()
-        try:
-            device.set_tf32(self.name == "tf32" and not emulate_tf32)
-            with Tf32Emulation() if (self.name == "tf32" and emulate_tf32) else contextlib.nullcontext():
-                yield
-        finally:
-            _restore_tf32_state(saved)
+        emulated = Tf32Emulation() if (self.name == "tf32" and emulate_tf32) else contextlib.nullcontext()
+        with Device(torch.device(device)).tf32(self.name == "tf32" and not emulate_tf32), emulated:
+            yield
 
     @contextlib.contextmanager
     def run(self, device: torch.device, emulate_tf32: bool = False,
@@ -124,22 +118,5 @@ def cast_tree(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 def parse_precisions(spec: str) -> List[Precision]:
     """``"fp32,bf16"`` -> [Precision("fp32"), Precision("bf16")]; ValueError names the accepted ones."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"no precision given; accepted: {', '.join(PRECISIONS)}")
-    bad = [n for n in names if n not in PRECISIONS]
-    if bad:
-        raise ValueError(f"unknown precision {', '.join(map(repr, bad))}; accepted: {', '.join(PRECISIONS)}"
-                         " (comma-separated)")
-    return [Precision(n) for n in dict.fromkeys(names)]
+    return [Precision(n) for n in parse_precision_names(spec)]
 
-
-def _tf32_state():
-    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32)
-
-
-def _restore_tf32_state(state) -> None:
-    torch.set_float32_matmul_precision(state[0])
-    torch.backends.cuda.matmul.allow_tf32 = state[1]
-    torch.backends.cudnn.allow_tf32 = state[2]

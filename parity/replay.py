@@ -25,14 +25,22 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 import torch
 
-from detr import compat
+from runtime import compat
 
 from .capture import OpRecord, Trace, cpu_copy, flat_outputs, loaded
 from .errormodel import ErrorModel
 from .faults import FaultSpec, apply_faults, parse_faults
 from .judge import IDENTICAL, OutputJudgement, identical, judge_float, judge_integer
-from .metrics import (all_finite, as_numpy64, bind_arguments, is_index_output, metrics_of_difference, rms_finite,
-                      rmse_of_difference, selected_values)
+from .metrics import (
+    all_finite,
+    as_numpy64,
+    bind_arguments,
+    is_index_output,
+    metrics_of_difference,
+    rms_finite,
+    rmse_of_difference,
+    selected_values,
+)
 from .precision import Precision
 
 # Arguments that ask for low-precision results and make no sense for a float64 golden.

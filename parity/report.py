@@ -3,7 +3,7 @@
 terminal line per (part, precision). Runs accumulate: an entry replaces the earlier one of the same
 node id, device and precision, every entry carries the time it was written, and a report that
 cannot be read is kept aside as ``*.corrupt-<time>``, never overwritten. Sessions that write one
-report at once take turns (:func:`detr.files.locked`).
+report at once take turns (:func:`runtime.files.locked`).
 
 A report is ``{"tests": [entry, ...]}``; an entry is :meth:`parity.compare.PartResult.to_dict`:
 ``nodeid, part, device, precision, passed, ops_checked, ops_identical, ops_skipped, worst_op_margin,
@@ -17,49 +17,14 @@ Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so
 """
 import json
 import math
-import os
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from detr.files import PathLike, atomic_write, locked, remove_temporaries
+from runtime.files import CorruptReport, PathLike, atomic_write, load_list_or_set_aside, locked, remove_temporaries
 
 MAX_MARKDOWN_ROWS = 40
-
-
-def set_aside(path: PathLike) -> Path:
-    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path.
-    A second one within the same second becomes ``<name>.corrupt-<time>-2``, not a replacement of the first."""
-    path = Path(path)
-    stem = f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside, n = path.with_name(stem), 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{stem}-{n}")
-    os.replace(path, aside)
-    return aside
-
-
-class CorruptReport(ValueError):
-    """A report file exists but cannot be read; it has been moved aside, and the message says where."""
-
-
-def load_list_or_set_aside(path: PathLike, field: str) -> List[dict]:
-    """The list of objects under ``field`` of the JSON file ``path`` ([] when there is none). A file
-    that cannot be read is renamed to ``<name>.corrupt-<time>`` and CorruptReport says so."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))[field]
-        if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
-            raise TypeError(f"{field} is not a list of objects")
-        return items
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        aside = set_aside(path)
-        raise CorruptReport(f"{path} could not be read ({type(exc).__name__}: {exc}); kept as {aside}, "
-                            "starting a new report") from exc
 
 
 ENTRY_KEY = ("nodeid", "device", "precision")

@@ -10,7 +10,7 @@ from typing import Any, Tuple
 
 import torch
 
-from detr import compat
+from runtime import compat
 
 
 class TensorStore:

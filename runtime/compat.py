@@ -1,4 +1,4 @@
-"""Every private API of torch, pytest and pytest-benchmark that the suite uses, in one place.
+"""Every private API of torch that the suite uses, in one place (pytest's are in ``markers.pytest_compat``).
 
 Vendors run lagging forks of torch, and private APIs move between releases. Each function here
 tries the API and, where it is missing, falls back to what the suite can still do without it:
@@ -6,7 +6,6 @@ that fallback warns once and is recorded in :func:`fallbacks`, which the reports
 reduced check is never silent.
 """
 import contextlib
-import copy
 import functools
 import inspect
 import re
@@ -15,13 +14,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.overrides
-from torch.utils import _pytree as pytree
 from torch.utils import _python_dispatch
+from torch.utils import _pytree as pytree
 
-__all__ = ["TorchDispatchMode", "TorchFunctionMode", "benchmark_stats", "cuda_driver_api_version",
-           "current_autograd_node", "disable_current_modes", "fallbacks", "flop_counter", "grad_scaler",
+__all__ = ["TorchDispatchMode", "TorchFunctionMode", "cuda_driver_api_version",
+           "current_autograd_node", "disable_current_modes", "fallbacks", "grad_scaler",
            "has_autograd_node", "is_nondeterministic_seeded", "itemsize", "load", "named_leaves",
-           "privateuse1_backend_name", "reroot", "return_aliases", "session_of", "tree_leaves", "tree_map",
+           "privateuse1_backend_name", "return_aliases", "tree_leaves", "tree_map",
            "untyped_storage", "written_arguments"]
 _FALLBACKS: Dict[str, str] = {}
 
@@ -31,7 +30,7 @@ def fallbacks() -> Dict[str, str]:
     return dict(_FALLBACKS)
 
 
-def _fall_back(api: str, instead: str) -> None:
+def fall_back(api: str, instead: str) -> None:
     if api not in _FALLBACKS:
         _FALLBACKS[api] = instead
         warnings.warn(f"{api} is missing in torch {torch.__version__}: {instead}", RuntimeWarning, stacklevel=3)
@@ -52,7 +51,7 @@ def named_leaves(tree: Any, prefix: str = "output") -> List[Tuple[str, Any]]:
     flat = tree_leaves(tree)
     if len(named) == len(flat) and all(leaf is other for (_, leaf), other in zip(named, flat)):
         return named
-    _fall_back("torch.utils._pytree.tree_flatten_with_path", "outputs are named by position, not by key")
+    fall_back("torch.utils._pytree.tree_flatten_with_path", "outputs are named by position, not by key")
     return [(f"{prefix}[{i}]", leaf) for i, leaf in enumerate(tree_leaves(tree))]
 
 
@@ -221,7 +220,7 @@ def is_nondeterministic_seeded(func: Any) -> bool:
     tag = getattr(getattr(torch, "Tag", None), "nondeterministic_seeded", None)
     if tag is not None:
         return tag in func.tags or str(func.overloadpacket).split(".", 1)[1] in SEEDED_OPS
-    _fall_back("torch.Tag", "random ops are known by name (dropout, bernoulli, rand*, normal, uniform, ...)")
+    fall_back("torch.Tag", "random ops are known by name (dropout, bernoulli, rand*, normal, uniform, ...)")
     return str(func.overloadpacket).split(".", 1)[1] in SEEDED_OPS
 
 
@@ -246,7 +245,7 @@ def load(path: Any, weights_only: bool, **kwargs) -> Any:
     if "weights_only" in inspect.signature(torch.load).parameters:
         return torch.load(path, weights_only=weights_only, **kwargs)
     if weights_only:
-        _fall_back("torch.load(weights_only=True)", "the file is unpickled in full: load only files you trust")
+        fall_back("torch.load(weights_only=True)", "the file is unpickled in full: load only files you trust")
     return torch.load(path, **kwargs)
 
 
@@ -260,7 +259,7 @@ def current_autograd_node() -> Optional[Any]:
     to their phase only, not to a module)."""
     get = getattr(torch._C, "_current_autograd_node", None)
     if get is None:
-        _fall_back("torch._C._current_autograd_node", "backward ops are not attributed to modules, and ops "
+        fall_back("torch._C._current_autograd_node", "backward ops are not attributed to modules, and ops "
                    "outside every module have the phase 'forward or backward'")
         return None
     return get()
@@ -274,7 +273,7 @@ def disable_current_modes():
     if disable is None and hasattr(torch._C, "_get_torch_dispatch_mode"):
         return _no_dispatch_mode()
     if disable is None:
-        _fall_back("torch.utils._python_dispatch._disable_current_modes",
+        fall_back("torch.utils._python_dispatch._disable_current_modes",
                    "the suite's own work inside a capture is not suspended")
         return contextlib.nullcontext()
     return disable()
@@ -284,7 +283,7 @@ def cuda_driver_api_version() -> int:
     """The CUDA driver API version (12020 for 12.2), or 0 when unknown."""
     get = getattr(torch._C, "_cuda_getDriverVersion", None)
     if get is None:
-        _fall_back("torch._C._cuda_getDriverVersion", "the CUDA driver version is read from /proc only")
+        fall_back("torch._C._cuda_getDriverVersion", "the CUDA driver version is read from /proc only")
         return 0
     try:
         return int(get())
@@ -296,7 +295,7 @@ def privateuse1_backend_name() -> str:
     """The name an out-of-tree extension gave the privateuse1 device, ``privateuseone`` when none."""
     get = getattr(torch._C, "_get_privateuse1_backend_name", None)
     if get is None:
-        _fall_back("torch._C._get_privateuse1_backend_name", "no privateuse1 device can be used")
+        fall_back("torch._C._get_privateuse1_backend_name", "no privateuse1 device can be used")
         return "privateuseone"
     return get()
 
@@ -307,63 +306,5 @@ def grad_scaler(device_type: str) -> Any:
     amp = getattr(torch, "amp", None)
     if amp is not None and hasattr(amp, "GradScaler"):
         return amp.GradScaler(device_type)
-    _fall_back("torch.amp.GradScaler", "fp16 loss scaling uses torch.cuda.amp.GradScaler")
+    fall_back("torch.amp.GradScaler", "fp16 loss scaling uses torch.cuda.amp.GradScaler")
     return torch.cuda.amp.GradScaler()
-
-
-def flop_counter() -> Any:
-    """A context that counts FLOPs, with ``get_total_flops()``: ``FlopCounterMode`` (torch 2.1 and
-    newer), else the suite's own counter of matmuls and convolutions (:mod:`detr.flops`)."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError:
-        from .flops import FlopCounter
-
-        _fall_back("torch.utils.flop_counter", "FLOPs are counted by detr.flops (matmuls and convolutions)")
-        return FlopCounter()
-    return FlopCounterMode(display=False)
-
-
-def benchmark_stats(benchmark) -> Any:
-    """pytest-benchmark's statistics of a finished benchmark (min, max, mean, median, ... seconds)."""
-    stats = getattr(benchmark, "stats", None)
-    return getattr(stats, "stats", stats)
-
-
-def session_of(terminalreporter) -> Any:
-    """The session of pytest's terminal reporter (public as ``_session`` only)."""
-    return getattr(terminalreporter, "_session", None)
-
-
-def reroot(config, args: List[str]) -> bool:
-    """Settles pytest's rootdir and ini file again once the suite's options are known.
-
-    pytest chooses its rootdir and ini file from the arguments before any installed plugin adds its
-    options, so the value of ``--report-dir /tmp/out`` is taken for a test path, and an existing
-    folder there becomes the rootdir: pytest.ini, its markers and its options are then lost. Called
-    before the initial conftests load, with the options known, this redoes that choice with the
-    real test paths, applies the ini file's addopts to ``args`` in place, and returns whether
-    anything changed.
-    """
-    from _pytest.config import findpaths
-
-    namespace = config._parser.parse_known_args(args)
-    if namespace.inifilename or namespace.rootdir:
-        return False
-    wanted = {"inifile": None, "override_ini": namespace.override_ini, "args": namespace.file_or_dir,
-              "rootdir_cmd_arg": None, "invocation_dir": config.invocation_params.dir,
-              "config": config}
-    accepted = inspect.signature(findpaths.determine_setup).parameters
-    rootpath, inipath, inicfg, *ignored = findpaths.determine_setup(**{k: v for k, v in wanted.items() if k in accepted})
-    if (rootpath, inipath) == (config.rootpath, config.inipath):
-        return False
-    config._rootpath, config._inipath, config._inicfg = rootpath, inipath, inicfg
-    if ignored and hasattr(config, "_ignored_config_files"):
-        config._ignored_config_files = ignored[0]
-    config._inicache.clear()
-    config._parser.extra_info.update(rootdir=str(rootpath), inifile=str(inipath))
-    args[:] = list(config.getini("addopts")) + args
-    namespace = config._parser.parse_known_args(args, namespace=copy.copy(config.option))
-    namespace.confcutdir = str(inipath.parent if inipath is not None else rootpath)
-    config.known_args_namespace = namespace
-    return True

@@ -136,6 +136,13 @@ class Backend:
         """Allows or forbids TF32 in float32 matmuls (and convolutions where the backend has the switch)."""
         torch.set_float32_matmul_precision("high" if enabled else "highest")
 
+    def tf32_state(self) -> Dict[str, object]:
+        """The switches that :meth:`set_tf32` sets, by name, as they are now."""
+        return {"torch.float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+    def restore_tf32(self, state: Mapping[str, object]) -> None:
+        torch.set_float32_matmul_precision(state["torch.float32_matmul_precision"])
+
     def set_onednn(self, enabled: bool) -> None:
         """Lets the backend take oneDNN's kernels or not, where that is a switch (the CPU's)."""
 
@@ -174,6 +181,15 @@ class CudaBackend(Backend):
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
         super().set_tf32(enabled)
+
+    def tf32_state(self) -> Dict[str, object]:
+        return {**super().tf32_state(), "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
+
+    def restore_tf32(self, state: Mapping[str, object]) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = state["torch.backends.cuda.matmul.allow_tf32"]
+        torch.backends.cudnn.allow_tf32 = state["torch.backends.cudnn.allow_tf32"]
+        super().restore_tf32(state)
 
     def driver_version(self) -> Optional[str]:
         """The kernel module's version and the CUDA version it supports: ``535.104.05, CUDA 12.2``."""
@@ -518,6 +534,16 @@ class Device:
     def set_tf32(self, enabled: bool) -> None:
         """Allows or forbids TF32 in matmuls and convolutions where the backend has the switch."""
         self.backend.set_tf32(enabled)
+
+    @contextlib.contextmanager
+    def tf32(self, enabled: bool) -> Iterator[None]:
+        """:meth:`set_tf32` for the duration of the context; the backend's switches are restored after."""
+        saved = self.backend.tf32_state()
+        try:
+            self.backend.set_tf32(enabled)
+            yield
+        finally:
+            self.backend.restore_tf32(saved)
 
     def set_onednn(self, enabled: bool) -> None:
         self.backend.set_onednn(enabled)

@@ -2,7 +2,7 @@
 and where each rank is when one of them times out.
 
 The collective library of each device type, and the device its collectives run on, come from
-:mod:`detr.device`, so a vendor's device needs only its backend registered (or its plugin imported).
+:mod:`runtime.device`, so a vendor's device needs only its backend registered (or its plugin imported).
 """
 import json
 import os
@@ -20,7 +20,10 @@ import torch.distributed as dist
 
 from .device import backend_for, collective_device
 from .files import atomic_write, remove_temporaries
-from .misc import is_dist_avail_and_initialized
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 @dataclass(frozen=True)
@@ -73,18 +76,18 @@ def init_distributed(info: DistInfo, device: torch.device, backend: Optional[str
 
 
 def shutdown() -> None:
-    if is_dist_avail_and_initialized():
+    if _initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if is_dist_avail_and_initialized():
+    if _initialized():
         dist.barrier()
 
 
 def all_reduce(values: List[float], op: str = "sum") -> List[float]:
     """Sums (or takes the max of) a few host numbers over all ranks."""
-    if not is_dist_avail_and_initialized():
+    if not _initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() != "gloo":
@@ -94,7 +97,7 @@ def all_reduce(values: List[float], op: str = "sum") -> List[float]:
 
 
 def all_gather_object(obj: Any) -> List[Any]:
-    if not is_dist_avail_and_initialized():
+    if not _initialized():
         return [obj]
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -7,8 +7,10 @@ A file that runs read, merge and rewrite (the reports) is changed under :func:`l
 runs that finish at once both keep their rows, and what a killed writer left is removed there.
 """
 import contextlib
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, List, Union
 
@@ -90,3 +92,37 @@ def remove_temporaries(folder: PathLike, names: str) -> List[Path]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return stale
+
+
+def set_aside(path: PathLike) -> Path:
+    """Renames an unreadable file to ``<name>.corrupt-<time>`` so that nothing overwrites it; returns the new path.
+    A second one within the same second becomes ``<name>.corrupt-<time>-2``, not a replacement of the first."""
+    path = Path(path)
+    stem = f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = path.with_name(stem), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{stem}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+class CorruptReport(ValueError):
+    """A report file exists but cannot be read; it has been moved aside, and the message says where."""
+
+
+def load_list_or_set_aside(path: PathLike, field: str) -> List[dict]:
+    """The list of objects under ``field`` of the JSON file ``path`` ([] when there is none). A file
+    that cannot be read is renamed to ``<name>.corrupt-<time>`` and CorruptReport says so."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))[field]
+        if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
+            raise TypeError(f"{field} is not a list of objects")
+        return items
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        aside = set_aside(path)
+        raise CorruptReport(f"{path} could not be read ({type(exc).__name__}: {exc}); kept as {aside}, "
+                            "starting a new report") from exc

@@ -4,7 +4,7 @@ DETR runs, 2 FLOPs per multiply-add, and agrees with it where both exist (tests/
 """
 import math
 from collections import Counter
-from typing import Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 
@@ -72,3 +72,14 @@ class FlopCounter(compat.TorchDispatchMode):
 
     def get_total_flops(self) -> int:
         return sum(self.counts.values())
+
+
+def flop_counter() -> Any:
+    """A context that counts FLOPs, with ``get_total_flops()``: ``FlopCounterMode`` (torch 2.1 and
+    newer), else the suite's own counter of matmuls and convolutions (:mod:`runtime.flops`)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        compat.fall_back("torch.utils.flop_counter", "FLOPs are counted by runtime.flops (matmuls and convolutions)")
+        return FlopCounter()
+    return FlopCounterMode(display=False)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 
-
 TOPOLOGIES = ("1x1", "1x8", "2x8")
 
 

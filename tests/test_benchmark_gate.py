@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fixtures import benchmark as bench_plugin
 from fixtures.steps import TrainStep, Workload
+from markers import options
 from markers.state import STATE, SuiteState
-from parity.device import Device, resolve
+from runtime.device import Device, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Workload("tiny", batch_size=1, image_size=64)
@@ -92,15 +92,15 @@ def test_gate_trips_on_a_slow_op(baseline, tmp_path):
 
 
 def test_default_storage_is_rooted_in_the_repository(tmp_path):
-    option = SimpleNamespace(benchmark_storage=bench_plugin.DEFAULT_STORAGE, bench_batch_size=None,
+    option = SimpleNamespace(benchmark_storage=options.DEFAULT_STORAGE, bench_batch_size=None,
                              bench_image_size=None, bench_warmup=None)
     config = SimpleNamespace(
         stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")}, rootpath=ROOT, option=option,
         pluginmanager=SimpleNamespace(hasplugin=lambda name: name == "benchmark"),
         getoption=lambda name: getattr(option, name.lstrip("-").replace("-", "_")),
     )
-    bench_plugin.pytest_configure(config)
+    options.root_benchmark_storage(config)
     assert option.benchmark_storage == f"file://{ROOT / '.benchmarks'}"
     option.benchmark_storage = str(tmp_path)
-    bench_plugin.pytest_configure(config)
+    options.root_benchmark_storage(config)
     assert option.benchmark_storage == str(tmp_path)

@@ -7,8 +7,9 @@ import torch
 
 from fixtures import benchmark as plugin
 from fixtures.steps import InferenceStep, TrainStep, Workload
+from markers import options
 from markers.state import STATE, SuiteState
-from parity.device import Device, resolve
+from runtime.device import Device, resolve
 
 
 def test_workload_names_and_shapes():
@@ -26,7 +27,7 @@ def test_workload_names_and_shapes():
 ])
 def test_bad_numbers_are_usage_errors(value, least, example, message):
     with pytest.raises(pytest.UsageError, match=message):
-        plugin._ints("--opt", value, least, example)
+        options.ints("--opt", value, least, example)
 
 
 def test_machine_info_names_the_device_under_test():

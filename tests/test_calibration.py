@@ -2,7 +2,7 @@
 
 - ``cpu-alt``: the CPU with other real kernels (oneDNN off, one thread) passes every part;
 - ulp profiles: every op of a class perturbed by a random error of up to its documented budget in
-  ulps (``reference/ACCURACY.md``), in the device run and in replay, passes every part, end to
+  ulps (``docs/accuracy.md``), in the device run and in replay, passes every part, end to
   end included. ``*:ulp=1`` is a device that rounds every op faithfully instead of correctly.
 
 The gray zone, where errors just above these must fail, is in ``tests/test_fault_catalogue.py``.

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from detr import compat
-from detr.flops import FlopCounter
 from parity.capture import capture
+from runtime import compat, flops
+from runtime.flops import FlopCounter
 
 
 @pytest.fixture
@@ -254,7 +254,7 @@ def test_profiler_handles_are_not_recorded():
 
 
 def test_own_flop_counter_on_any_torch():
-    """detr.flops, the benchmark's counter where torch.utils.flop_counter is missing, by hand."""
+    """runtime.flops, the benchmark's counter where torch.utils.flop_counter is missing, by hand."""
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     with FlopCounter() as counter:
@@ -272,6 +272,6 @@ def test_flop_counter_is_torchs_where_it_has_one(fresh):
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
         with pytest.warns(RuntimeWarning, match="flop_counter is missing"):
-            assert isinstance(compat.flop_counter(), FlopCounter)
+            assert isinstance(flops.flop_counter(), FlopCounter)
     else:
-        assert isinstance(compat.flop_counter(), FlopCounterMode) and compat.fallbacks() == {}
+        assert isinstance(flops.flop_counter(), FlopCounterMode) and compat.fallbacks() == {}

@@ -1,4 +1,4 @@
-"""detr.device: the registry of backends, resolution (``auto``, device strings, variants), the
+"""runtime.device: the registry of backends, resolution (``auto``, device strings, variants), the
 ``cpu-alt`` kernels, and one meaning of peak memory in the benchmarks and the trainer."""
 import contextlib
 import json
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import detr.device as layer
-from detr.device import Backend, CpuBackend, Device, DeviceError, register_backend, resolve
+import runtime.device as layer
+from runtime.device import Backend, CpuBackend, Device, DeviceError, register_backend, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -86,7 +86,7 @@ def test_a_registered_backend_is_found_by_resolve_and_probed_by_auto(registry, m
     assert layer.available_backends() == ["meta", "cpu"]
     assert resolve("auto").device == torch.device("meta")
     assert layer.collective_device("fakeccl") == torch.device("meta", 0)
-    from detr.distributed import default_backend
+    from runtime.distributed import default_backend
 
     assert default_backend("meta") == "fakeccl"
 
@@ -149,7 +149,7 @@ def test_the_trainer_names_its_own_options():
 
 REWIND = """
 import threading, torch
-from detr.device import Device
+from runtime.device import Device
 xpu = Device(torch.device("cpu"))
 earlier = torch.ones(256 * 2**20 // 4)  # an earlier peak, then a thread that exits: getrusage keeps it for good
 del earlier
@@ -173,7 +173,7 @@ def test_cpu_peak_memory_is_the_peak_resident_size():
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("the peak resident size cannot be rewound here")
     # In a fresh process, as the trainer's ranks are: in CI's long pytest process the kernel did not
-    # rewind it (see detr/device.py).
+    # rewind it (see runtime/device.py).
     done = subprocess.run([sys.executable, "-c", REWIND], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -195,9 +195,9 @@ def test_the_benchmark_records_the_layers_peak_memory(monkeypatch):
 def test_the_trainer_reports_the_layers_peak_memory(tmp_path):
     """A one-step run whose CPU backend reports 3 GiB: the result (and so the training report) says 3 GiB."""
     script = (
-        "import sys, detr.device as d\n"
+        "import sys, runtime.device as d\n"
         "d.CpuBackend.max_memory_allocated = lambda self, device: 3 * 2**30\n"
-        "from detr.train import main\n"
+        "from training.train import main\n"
         "main(sys.argv[1:])\n"
     )
     args = ["--device", "cpu", "--train-limit", "4", "--val-limit", "2", "--batch-size", "2", "--threads", "1",

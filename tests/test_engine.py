@@ -1,4 +1,4 @@
-"""The engine and ``python -m detr.train``: the loss falls, NaN stops the run, clipping precedes the step."""
+"""The engine and ``python -m training.train``: the loss falls, NaN stops the run, clipping precedes the step."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import detr
-from detr import compat
 from detr.data.coco import build_dataset, coco_api, num_classes
 from detr.data.synthetic import generate
 from detr.engine import NonFiniteLossError, evaluate, train_one_epoch
 from detr.misc import collate_fn
+from runtime import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_evaluate_returns_the_coco_stats(coco_dir):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "detr.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "training.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 

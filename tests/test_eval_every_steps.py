@@ -33,6 +33,6 @@ def test_a_step_count_below_one_is_refused(tmp_path):
 
     from tests.test_train_resume import COMMON, ROOT
 
-    done = subprocess.run([sys.executable, "-m", "detr.train", *COMMON, "--output-dir", str(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "training.train", *COMMON, "--output-dir", str(tmp_path),
                            "--eval-every-steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--eval-every-steps 0: expected a number of steps >= 1" in done.stderr

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from detr.files import TMP_GLOB, atomic_save, atomic_write
+from runtime.files import TMP_GLOB, atomic_save, atomic_write
 
 
 def test_a_failing_writer_keeps_the_old_file(tmp_path):
@@ -39,7 +39,7 @@ def test_a_lock_file_that_another_user_made_read_only_still_locks(tmp_path, monk
     import builtins
     import fcntl
 
-    from detr.files import locked
+    from runtime.files import locked
 
     lock = tmp_path / ".parity.json.lock"
     lock.touch(mode=0o644)

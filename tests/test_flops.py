@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detr.flops import FlopCounter
+from runtime.flops import FlopCounter
 
 flop_counter = pytest.importorskip("torch.utils.flop_counter")
 
@@ -22,7 +22,7 @@ def both(fn):
 @pytest.mark.parametrize("kind", ["TrainStep", "InferenceStep"])
 def test_detr_steps_count_the_same_op_by_op(kind):
     from fixtures import steps
-    from parity.device import resolve
+    from runtime.device import resolve
 
     step = getattr(steps, kind)(steps.Workload("tiny", 2, 128), resolve("cpu"), "fp32")
     theirs, ours = both(step.body)

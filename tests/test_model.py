@@ -6,7 +6,7 @@ import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import detr
-from detr.backbone import Backbone, Joiner
+from detr.backbone import Backbone
 from detr.misc import NestedTensor, nested_tensor_from_tensor_list
 from detr.model import MLP, PostProcess
 from detr.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine

@@ -74,9 +74,11 @@ def test_the_suite_is_a_pytest_plugin_when_installed():
 
 
 def test_precisions_and_model_configs_are_written_once():
-    from detr import config, train
+    from detr import config
     from markers import plugin
     from parity import precision
+    from runtime import precision as names
+    from training import train
 
-    assert plugin.PRECISIONS is precision.PRECISIONS is config.PRECISIONS and set(train.AUTOCAST) == set(config.PRECISIONS)
+    assert plugin.PRECISIONS is precision.PRECISIONS is names.PRECISIONS and set(train.AUTOCAST) == set(names.PRECISIONS)
     assert plugin.MODEL_CONFIGS == tuple(config.CONFIGS) == ("r50", "tiny")

@@ -10,7 +10,7 @@ import importlib, sys
 sys.path.insert(0, sys.argv[1])
 import markers.conformance as plugin
 for name in ["markers.conformance", *plugin.pytest_plugins, "markers.hookspec", "markers.expectations",
-             "training.launch", "training.report", "training.convergence", "detr.train", "parity.compare"]:
+             "training.launch", "training.report", "training.convergence", "training.train", "parity.compare"]:
     module = importlib.import_module(name)
     assert module.__file__.startswith(sys.argv[1]), (name, module.__file__)
 """

@@ -1,4 +1,4 @@
-"""``python -m detr.train`` finds bad data before the first step, and a failed evaluation loses no
+"""``python -m training.train`` finds bad data before the first step, and a failed evaluation loses no
 training: the checkpoint is written before each evaluation and a resume runs that evaluation first."""
 import json
 import subprocess
@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from detr import compat
 from detr.data.synthetic import generate
+from runtime import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--train-limit", "12", "--val-limit", "8", "--batch-size", "2", "--threads", "1",
@@ -19,7 +18,7 @@ ON_COCO = ["--device", "cpu", "--model", "tiny", "--batch-size", "2", "--threads
 
 
 def run(out: Path, *args, timeout: float = 300):
-    return subprocess.run([sys.executable, "-m", "detr.train", "--output-dir", str(out), *args],
+    return subprocess.run([sys.executable, "-m", "training.train", "--output-dir", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

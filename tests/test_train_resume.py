@@ -1,4 +1,4 @@
-"""``python -m detr.train --resume`` continues an interrupted run to the same result, bit for bit;
+"""``python -m training.train --resume`` continues an interrupted run to the same result, bit for bit;
 ``--init-seed`` moves the initial weights alone; ``result.json`` names the threads that ran."""
 import json
 import subprocess
@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from detr import compat
-
-from detr.files import TMP_GLOB
+from runtime import compat
+from runtime.files import TMP_GLOB
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--device", "cpu", "--train-limit", "12", "--val-limit", "8", "--batch-size", "2", "--threads", "1", "--seed", "7"]
 
 
 def train(out: Path, *args):
-    result = subprocess.run([sys.executable, "-m", "detr.train", *COMMON, "--output-dir", str(out), *args],
+    result = subprocess.run([sys.executable, "-m", "training.train", *COMMON, "--output-dir", str(out), *args],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return json.loads((out / "result.json").read_text()), result.stdout

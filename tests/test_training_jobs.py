@@ -1,4 +1,4 @@
-"""Real torchrun jobs of ``python -m detr.train`` on the CPU, kept to a few steps: ranks stay in step,
+"""Real torchrun jobs of ``python -m training.train`` on the CPU, kept to a few steps: ranks stay in step,
 two simulated nodes meet on 127.0.0.1, and a crashed rank, a NaN loss or a hung collective fails the
 job quickly with the cause named and no process left behind."""
 import json
@@ -79,7 +79,6 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import uuid
 
     from training.launch import torchrun_command

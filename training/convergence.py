@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from scipy import stats
 
-from detr.files import atomic_save, atomic_write
+from runtime.files import atomic_save, atomic_write
 
 Curve = List[Dict[str, float]]
 ALPHA = 0.05

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import weighted_loss
-from .misc import NestedTensor
+from detr.engine import weighted_loss
+from detr.misc import NestedTensor
 
 U32 = 2.0 ** -24
 

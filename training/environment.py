@@ -1,7 +1,7 @@
 """What the report says about the machine: hardware, accelerator, OS, driver, framework and versions.
 
 Only what can be read without a vendor tool; anything unknown is reported as unknown, never guessed.
-What differs between device types (name, memory, driver, runtime) comes from :mod:`detr.device`.
+What differs between device types (name, memory, driver, runtime) comes from :mod:`runtime.device`.
 """
 import os
 import platform
@@ -12,7 +12,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from detr.device import Device, cpu_model
+from runtime.device import Device, cpu_model
 
 UNKNOWN = "unknown"
 DEPENDENCIES = ("torchvision", "numpy", "scipy", "pycocotools", "pillow", "matplotlib", "pytest", "pytest-benchmark", "hypothesis")

@@ -9,7 +9,16 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-KINDS = ("crash", "nan", "hang", "eval-crash", "grad-sum", "grad-local")
+from runtime.faultspec import kinds_help, parse_kind
+
+KINDS = {
+    "crash": "crash: the rank raises at that step",
+    "nan": "nan: the rank's loss_giou becomes NaN at that step",
+    "hang": "hang: the rank sleeps for good at that step (a hung collective for the others)",
+    "eval-crash": "eval-crash: the rank raises in the first evaluation after that step",
+    "grad-sum": "grad-sum: the rank's gradient all-reduce sums instead of averaging, at that step",
+    "grad-local": "grad-local: the rank keeps its own gradient instead of the all-reduced one, at that step",
+}
 # Faults of the gradient all-reduce, injected by a DDP communication hook rather than the criterion.
 GRAD_KINDS = ("grad-sum", "grad-local")
 
@@ -27,9 +36,10 @@ class TrainFault:
         ``grad-sum`` makes that rank's all-reduce sum the gradients instead of averaging them, and
         ``grad-local`` makes it keep its own gradient, at that step."""
         parts = spec.split(":")
-        if len(parts) != 3 or parts[2] not in KINDS or not all(p.isdigit() for p in parts[:2]):
-            raise ValueError(f"--fail-at {spec!r}: expected RANK:STEP:KIND with KIND one of {', '.join(KINDS)}")
-        return cls(int(parts[0]), int(parts[1]), parts[2])
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[:2]):
+            raise ValueError(f"--fail-at {spec!r}: expected RANK:STEP:KIND with KIND one of {kinds_help(KINDS)}")
+        kind, _, _ = parse_kind(parts[2], KINDS, spec, label="--fail-at")
+        return cls(int(parts[0]), int(parts[1]), kind)
 
 
 class FaultyCriterion(nn.Module):

@@ -1,4 +1,4 @@
-"""Launching ``python -m detr.train`` under torchrun for a ``<nodes>x<devices per node>`` topology.
+"""Launching ``python -m training.train`` under torchrun for a ``<nodes>x<devices per node>`` topology.
 
 On one machine every node of the topology gets its own torchrun launcher (node ranks 0..n-1 meeting
 on 127.0.0.1); on a cluster each machine runs only its own ``node_rank``. The job is watched: when a
@@ -68,7 +68,7 @@ def torchrun_command(topology: Topology, node_rank: int, port: int, train_args: 
         "--nnodes", str(topology.nnodes), "--nproc_per_node", str(topology.nproc_per_node),
         "--node_rank", str(node_rank), "--master_addr", topology.master_addr, "--master_port", str(port),
         "--max_restarts", "0", "--monitor_interval", "0.5",
-        "-m", "detr.train", *train_args,
+        "-m", "training.train", *train_args,
     ]
 
 

@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from detr.device import cpu_model
-from detr.train import synthetic_recipe
+from runtime.device import cpu_model
 from training.convergence import read_curve_file, save_curves
+from training.train import synthetic_recipe
 
 REFERENCES = Path(__file__).resolve().parent / "references"
 DEFAULT = REFERENCES / "synthetic_tiny_1x1_fp32.json"
@@ -42,11 +42,11 @@ def first_reaching(curve, target: float) -> Optional[dict]:
 
 def run_seed(seed: int, threads: int, max_steps: Optional[int], work: Path, target: float) -> dict:
     out = work / f"seed{seed}"
-    command = [sys.executable, "-m", "detr.train", "--device", "cpu", "--precision", "fp32", "--seed", str(seed),
+    command = [sys.executable, "-m", "training.train", "--device", "cpu", "--precision", "fp32", "--seed", str(seed),
                "--threads", str(threads)] + (["--max-steps", str(max_steps)] if max_steps else []) + ["--output-dir", str(out)]
     subprocess.run(command, check=True)
     result = json.loads((out / "result.json").read_text())
-    shown = ["python", "-m", "detr.train", *command[3:-2]]
+    shown = ["python", "-m", "training.train", *command[3:-2]]
     return {"curve": result["curve"], "provenance": {
         "seed": seed, "command": " ".join(shown), "torch": torch.__version__, "python": platform.python_version(),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {threads} threads", "os": platform.platform(),

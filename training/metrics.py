@@ -1,4 +1,4 @@
-"""FlagPerf's training metrics, computed from the raw counters a ``detr.train`` run writes to result.json.
+"""FlagPerf's training metrics, computed from the raw counters a ``training.train`` run writes to result.json.
 
 All throughputs are global: samples trained on all ranks together, per second.
 - p_whole: samples / (training + evaluation time)

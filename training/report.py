@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from detr.files import locked, remove_temporaries
-from parity.report import CorruptReport, atomic_write, load_list_or_set_aside
+from runtime.files import CorruptReport, atomic_write, load_list_or_set_aside, locked, remove_temporaries
 
 JSON_NAME = "training_report.json"
 MD_NAME = "training_report.md"
@@ -174,3 +173,20 @@ def write_report(report_dir: Path, row: Dict[str, Any], environment: Dict[str, A
         atomic_write(report_dir / JSON_NAME, json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")
         atomic_write(report_dir / MD_NAME, render_markdown(rows, environment))
     return rows, warning
+
+
+def summary_lines(rows: List[Dict[str, Any]], report_dir: Path) -> List[str]:
+    """The terminal summary of a session's training rows: the performance table, each convergence
+    verdict and DDP equivalence check, and where the report is."""
+    lines = table(PERF_HEADER, performance_rows(rows)).splitlines()
+    for row in rows:
+        if row.get("verdict"):
+            lines.append(f"{row['device']} {row['config']}: convergence {row['verdict']['text']}")
+        ddp = row.get("ddp_equivalence") or {}
+        if ddp.get("checked_steps"):
+            lines.append(
+                f"{row['device']} {row['config']}: DDP equivalence over steps {ddp['checked_steps']} "
+                f"{'PASS' if ddp['passed'] else 'FAIL'}, worst gradient margin {ddp['worst_grad_margin']:.3g}, "
+                f"parameter margin {ddp['worst_param_margin']:.3g}")
+    lines.append(f"report: {Path(report_dir) / MD_NAME}")
+    return lines

@@ -1,4 +1,4 @@
-"""``python -m detr.train``: train and evaluate DETR with the reference recipe, alone or under torchrun.
+"""``python -m training.train``: train and evaluate DETR with the reference recipe, alone or under torchrun.
 
 With no ``--coco-path`` it trains the ``tiny`` model on the generated synthetic COCO-format set with
 a recipe tuned to converge in minutes on a CPU. Under ``torchrun`` every rank trains on its share of
@@ -20,23 +20,23 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 import detr
+from detr.data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
+from detr.engine import PHASES, evaluate, train_one_epoch
+from detr.misc import collate_fn
+from runtime import compat
+from runtime import distributed as D
+from runtime.device import BACKENDS, VARIANTS, Device, DeviceError, collective_device, import_plugins
+from runtime.device import resolve as resolve_device
+from runtime.files import atomic_save, atomic_write, remove_temporaries
+from runtime.precision import PRECISIONS
 
-from . import compat
-from . import distributed as D
-from .data.coco import DatasetError, build_dataset, coco_api, num_classes, validate_split
-from .config import PRECISIONS
 from .ddp_check import DDPEquivalence
-from .device import BACKENDS, VARIANTS, Device, DeviceError, collective_device, import_plugins
-from .device import resolve as resolve_device
-from .engine import PHASES, evaluate, train_one_epoch
-from .files import atomic_save, atomic_write, remove_temporaries
-from .misc import collate_fn
-from .train_faults import GRAD_KINDS, FaultyAllReduce, FaultyCriterion, TrainFault
+from .faults import GRAD_KINDS, KINDS, FaultyAllReduce, FaultyCriterion, TrainFault
 
 # Where a rank can be, in order within a step: the training phases, then the evaluation after it.
 ORDER = PHASES + ("evaluation",)
@@ -44,7 +44,7 @@ ORDER = PHASES + ("evaluation",)
 AUTOCAST = {"fp32": None, "tf32": None, "amp": "amp", "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The synthetic set and recipe that reach 0.40 AP within 10 minutes of training on two CPU cores
-# (see README): 96x96 images and a linear cool-down from epoch 3 to the end of epoch 10.
+# (see docs/training-recipe.md): 96x96 images and a linear cool-down from epoch 3 to the end of epoch 10.
 SYNTHETIC_DATA = dict(num_train=2048, num_val=128, min_size=128, max_size=128, min_objects=1, max_objects=3,
                       object_size=(0.3, 0.7), class_colours=True, crowd_every=0)
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -63,7 +63,7 @@ def synthetic_recipe() -> Dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m detr.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco-path", help="COCO 2017 folder; default: the generated synthetic set")
     p.add_argument("--model", default=None, choices=sorted(detr.CONFIGS), help="default: tiny on the synthetic set, r50 on COCO")
     p.add_argument("--device", default="auto", help=f"torch device type or string, auto (the accelerator if any, else cpu), or {', '.join(VARIANTS)}; under torchrun each rank takes index LOCAL_RANK")
@@ -106,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a checkpoint to continue from")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override, e.g. hidden_dim=128; repeatable")
     p.add_argument("--fail-at", default=None, metavar="RANK:STEP:KIND",
-                   help="inject a fault to test the harness: crash, nan, hang, eval-crash, or grad-sum / grad-local (that rank's gradient all-reduce sums, or keeps its own)")
+                   help="inject a fault to test the harness; KIND: " + "; ".join(KINDS.values()))
     p.add_argument("--ddp-check-steps", type=int, default=2, metavar="N",
                    help="multi-rank jobs: check the first N steps' gradients and parameters against one process on the global batch (0: off)")
     return p
@@ -233,7 +233,7 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     log = (lambda s: print(s, flush=True)) if info.is_main else (lambda s: None)
     device = xpu.device
     if synthetic:
-        from .data.synthetic import ensure_synthetic
+        from detr.data.synthetic import ensure_synthetic
 
         # One rank per node generates the set on first use; the others then find it in the cache.
         if info.local_rank == 0:
@@ -500,8 +500,14 @@ def train(args, info: D.DistInfo, xpu: Device, backend: Optional[str], overrides
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command line's exit status: 0, or 130 on Ctrl-C (usage and run errors exit from ``main``)."""
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,8 +1,8 @@
 """Small models for the parity engine's own tests (not DETR: parity/ knows nothing of it)."""
 import torch
 
-from detr import compat
 from parity.capture import OUTSIDE, UNKNOWN_PHASE
+from runtime import compat
 
 
 def cpu_cannot_capture(precision: str):

@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from detr import compat
 from parity.capture import KEEP, UNKNOWN_PHASE, capture
+from runtime import compat
 from tests.parity.blocks import Block
 
 

@@ -1,0 +1,176 @@
+"""Every command-line option of the suite, declared once, and the checks that make a bad value a
+usage error (exit 4) naming what is accepted. Help texts are built from the registries they
+describe: the device backends, the precisions, the model configurations, the fault kinds.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from detr.config import CONFIGS
+from parity.faults import KINDS
+from runtime.device import BACKENDS, PRIVATEUSE1, VARIANTS
+from runtime.faultspec import kinds_help
+from runtime.precision import PRECISIONS
+from training import convergence
+
+MODEL_CONFIGS = tuple(CONFIGS)
+
+DEFAULT_STORAGE = "file://./.benchmarks"
+# (images per step, short side in px, warm-up steps after the FLOP-counting step): FlagPerf's fix_hp on an accelerator
+# (batch 8, COCO images resized to an 800 px short side); on the CPU something that ends in minutes.
+ACCELERATOR_DEFAULTS = (8, 800, 5)
+CPU_DEFAULTS = (2, 320, 1)
+
+SYNTHETIC_TARGET = 0.25
+COCO_TARGET = 0.42  # FlagPerf's target for DETR on COCO
+CPU_BOUNDED_STEPS = 20  # multi-rank CPU runs share two cores: bounded, not trained to a target
+TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    batch_sizes: List[int]
+    image_size: int
+    warmup: int
+
+
+def device_types() -> List[str]:
+    return [name for name, b in BACKENDS.items() if name == b.type and name != PRIVATEUSE1]
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("detr", "DETR accelerator conformance")
+    _add_parity_options(group, parser)
+    _add_bench_options(group)
+    _add_training_options(group)
+
+
+def _add_parity_options(group, parser: pytest.Parser) -> None:
+    group.addoption("--xpu", default="auto",
+                    help=f"device under test: auto (default), a device type ({', '.join(device_types())}, or a plugin's), "
+                         f"with an optional :index as in cuda:1, or {', '.join(VARIANTS)} (the CPU run another way)")
+    group.addoption("--xpu-plugin", action="append", default=[], metavar="MODULE",
+                    help="import a vendor extension first (torch_xmlir, torch_npu, torch_mlu, torch_musa, ...); repeatable")
+    group.addoption("--precision", default="fp32",
+                    help=f"comma-separated precisions under test: {', '.join(PRECISIONS)} (default fp32)")
+    group.addoption("--model-config", default="r50",
+                    help=f"DETR configuration: {' or '.join(MODEL_CONFIGS)} (default r50)")
+    group.addoption("--coco-path", default=None,
+                    help="COCO 2017 folder (train2017/, val2017/, annotations/); default: the generated synthetic set")
+    group.addoption("--report-dir", default="reports",
+                    help="folder for JSON, Markdown and PNG reports (default reports/)")
+    group.addoption("--inject-fault", action="append", default=[], metavar="SPEC", dest="inject_fault",
+                    help="perturb an aten op on the device under test only: <aten op>[.<overload>]:<kind>[=<value>], "
+                         f"kinds {kinds_help(KINDS)}; repeatable")
+    group.addoption("--expectations", default=None, metavar="FILE",
+                    help="known failures of this device: one '<node id or pattern> <reason>' a line; they become "
+                         "strict xfails")
+    parser.addini("expectations", "default for --expectations, relative to the ini file", default=None)
+
+
+def _add_bench_options(group) -> None:
+    group.addoption("--bench-batch-size", default=None, metavar="LIST",
+                    help="comma-separated images per step of the benchmarks (default: 8, FlagPerf's fix_hp, "
+                         "on an accelerator; 2 on the CPU)")
+    group.addoption("--bench-image-size", default=None, metavar="PX",
+                    help="short side of the benchmark images in pixels, 4:3 landscape (default: 800 on an "
+                         "accelerator, 320 on the CPU)")
+    group.addoption("--bench-warmup", default=None, metavar="N",
+                    help="untimed steps after the FLOP-counting step, before timing (default: 5 on an accelerator, "
+                         "1 on the CPU)")
+
+
+def _add_training_options(group) -> None:
+    collectives = ", ".join(f"{name} {b.dist_backend}" for name, b in BACKENDS.items() if name not in VARIANTS)
+    group.addoption("--nnodes", type=int, default=None,
+                    help="training: number of nodes (default: from the 1x1/1x8/2x8 marker)")
+    group.addoption("--node-rank", type=int, default=None,
+                    help="training: this machine's node rank on a cluster (default: run every node here, meeting on "
+                         "127.0.0.1)")
+    group.addoption("--master-addr", default="127.0.0.1", help="training: address of node 0 (default 127.0.0.1)")
+    group.addoption("--master-port", type=int, default=None,
+                    help="training: rendezvous port on node 0 (default: a free port; set it on a cluster)")
+    group.addoption("--dist-backend", default=None,
+                    help=f"training: process group backend (default by device: {collectives})")
+    group.addoption("--target-map", type=float, default=None,
+                    help=f"training: stop once COCO AP reaches this (default {SYNTHETIC_TARGET} on the synthetic set, "
+                         f"{COCO_TARGET} on COCO)")
+    group.addoption("--train-max-steps", type=int, default=None,
+                    help=f"training: bound the run to N steps (default: {CPU_BOUNDED_STEPS} for multi-rank runs on the "
+                         "CPU, none otherwise)")
+    group.addoption("--train-epochs", type=int, default=None, help="training: epochs at most (default: the recipe's)")
+    group.addoption("--train-timeout", type=float, default=None,
+                    help="training: seconds one job may take before it is stopped (default 1800)")
+    group.addoption("--train-arg", action="append", default=[], metavar="ARG",
+                    help="training: extra argument for python -m training.train, e.g. --train-arg=--batch-size=4; "
+                         "repeatable")
+    group.addoption("--reference-curve", default=None, metavar="FILE",
+                    help="training: saved curve(s) to judge against (a curve_*.json of another run, or "
+                         "make_references' file); default: for 1x1 on the synthetic set the CPU seeds shipped with "
+                         "the suite, else the target (on COCO the published 0.42)")
+    group.addoption("--seeds", type=int, default=1,
+                    help="training: device runs with seeds 42, 43, ...; against reference seeds their mean is judged "
+                         "(more runs narrow the interval), against one curve or a target every run")
+    group.addoption("--convergence-tolerance", type=float, default=None,
+                    help="training: absolute AP allowed on top of the verdict (default: 0 against reference seeds, "
+                         f"whose prediction interval covers run-to-run spread; {TOLERANCE} against one curve or a "
+                         "target)")
+
+
+def ints(option: str, value: str, least: int, example: str) -> List[int]:
+    """A single integer, or a comma-separated list where ``example`` is one, each >= ``least``."""
+    many = "," in example
+    try:
+        numbers = [int(v) for v in value.split(",")] if many else [int(value)]
+    except ValueError:
+        numbers = []
+    if not numbers or any(n < least for n in numbers):
+        what = "a comma-separated list of integers" if many else "an integer"
+        raise pytest.UsageError(f"{option} {value!r}: expected {what} >= {least}, e.g. {example}")
+    return numbers
+
+
+def bench_options(config: pytest.Config, accelerator: bool) -> BenchOptions:
+    batch, size, warmup = ACCELERATOR_DEFAULTS if accelerator else CPU_DEFAULTS
+    batches, image, warm = (config.getoption(o) for o in ("--bench-batch-size", "--bench-image-size", "--bench-warmup"))
+    return BenchOptions(
+        batch_sizes=list(dict.fromkeys(ints("--bench-batch-size", batches, 1, "2,8"))) if batches else [batch],
+        image_size=ints("--bench-image-size", image, 32, "800")[0] if image else size,
+        warmup=ints("--bench-warmup", warm, 0, "5")[0] if warm else warmup,
+    )
+
+
+def root_benchmark_storage(config: pytest.Config) -> None:
+    """pytest-benchmark matches saved runs by node id, and stores them under ``./.benchmarks`` of the
+    current directory by default: started from a sub-folder, ``--benchmark-compare`` would find no
+    baseline and pass. The default storage is moved to the rootdir, which pytest.ini fixes. Runs
+    before pytest-benchmark's own (trylast) pytest_configure, which opens the storage."""
+    if config.pluginmanager.hasplugin("benchmark") and config.getoption("benchmark_storage") == DEFAULT_STORAGE:
+        config.option.benchmark_storage = rooted_storage(config.rootpath)
+
+
+def rooted_storage(rootdir) -> str:
+    """The default ``--benchmark-storage``, made absolute: ``<rootdir>/.benchmarks``."""
+    return f"file://{(rootdir / '.benchmarks').resolve()}"
+
+
+TRAINING_RANGES = (
+    ("--seeds", lambda v: v >= 1), ("--convergence-tolerance", lambda v: v is None or v >= 0),
+    ("--train-max-steps", lambda v: v is None or v >= 1), ("--train-epochs", lambda v: v is None or v >= 1),
+    ("--train-timeout", lambda v: v is None or v > 0), ("--target-map", lambda v: v is None or 0 < v <= 1),
+    ("--node-rank", lambda v: v is None or v >= 0), ("--nnodes", lambda v: v is None or v >= 1),
+)
+
+
+def check_training_options(config: pytest.Config) -> None:
+    for name, check in TRAINING_RANGES:
+        if not check(config.getoption(name)):
+            raise pytest.UsageError(f"{name} {config.getoption(name)!r}: out of range")
+    curve = config.getoption("--reference-curve")
+    if curve is not None:
+        try:
+            convergence.load_curves(Path(curve))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--reference-curve: {exc}") from None
