@@ -27,15 +27,15 @@ def reference_layout(criterion, outputs, targets):
     for i, layer in enumerate(layers):
         indices = criterion.matcher(layer, targets)
         suffix = "" if i == 0 else f"_{i - 1}"
-        l = criterion.loss_labels(layer, targets, indices, num_boxes, log=i == 0)
+        part = criterion.loss_labels(layer, targets, indices, num_boxes, log=i == 0)
         idx = criterion._get_src_permutation_idx(indices)
         src = layer["pred_boxes"][idx]
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
-        l["loss_bbox"] = torch.nn.functional.l1_loss(src, tgt, reduction="none").sum() / num_boxes
+        part["loss_bbox"] = torch.nn.functional.l1_loss(src, tgt, reduction="none").sum() / num_boxes
         giou = torch.diag(box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(src), box_ops.box_cxcywh_to_xyxy(tgt)))
-        l["loss_giou"] = (1 - giou).sum() / num_boxes
-        l.update(criterion.loss_cardinality(layer, targets, indices, num_boxes))
-        losses.update({k + suffix: v for k, v in l.items()})
+        part["loss_giou"] = (1 - giou).sum() / num_boxes
+        part.update(criterion.loss_cardinality(layer, targets, indices, num_boxes))
+        losses.update({k + suffix: v for k, v in part.items()})
     return losses
 
 
@@ -55,8 +55,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
 
     def pred():
-        return {"pred_logits": torch.randn(args.batch_size, 100, 92, generator=g).to(device).requires_grad_(),
-                "pred_boxes": torch.rand(args.batch_size, 100, 4, generator=g).mul(0.5).add(0.1).to(device).requires_grad_()}
+        return {
+            "pred_logits": torch.randn(args.batch_size, 100, 92, generator=g).to(device).requires_grad_(),
+            "pred_boxes": torch.rand(args.batch_size, 100, 4, generator=g)
+            .mul(0.5)
+            .add(0.1)
+            .to(device)
+            .requires_grad_(),
+        }
 
     outputs = pred()
     outputs["aux_outputs"] = [pred() for _ in range(5)]

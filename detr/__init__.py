@@ -28,6 +28,8 @@ def build_from_config(cfg: ModelConfig) -> Tuple[DETR, SetCriterion, PostProcess
     weight_dict = {"loss_ce": 1.0, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
     if cfg.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(cfg.dec_layers - 1) for k, v in list(weight_dict.items())})
-    criterion = SetCriterion(cfg.num_classes, build_matcher(cfg), weight_dict, cfg.eos_coef, ["labels", "boxes", "cardinality"])
+    criterion = SetCriterion(
+        cfg.num_classes, build_matcher(cfg), weight_dict, cfg.eos_coef, ["labels", "boxes", "cardinality"]
+    )
     return model, criterion, PostProcess()
 

@@ -103,5 +103,7 @@ class Joiner(nn.Sequential):
 def build_backbone(cfg) -> Joiner:
     position_embedding = build_position_encoding(cfg)
     train_backbone = cfg.lr_backbone > 0
-    backbone = Backbone(cfg.backbone, train_backbone, False, cfg.dilation, cfg.backbone_weights, cfg.backbone_norm, cfg.backbone_stride)
+    backbone = Backbone(
+        cfg.backbone, train_backbone, False, cfg.dilation, cfg.backbone_weights, cfg.backbone_norm, cfg.backbone_stride
+    )
     return Joiner(backbone, position_embedding)

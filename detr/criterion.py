@@ -20,7 +20,14 @@ class SetCriterion(nn.Module):
     for each auxiliary decoder layer i, the same with the suffix ``_i`` (no class_error there).
     """
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float, losses: Sequence[str]):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        eos_coef: float,
+        losses: Sequence[str],
+    ):
         super().__init__()
         unknown = set(losses) - set(self._loss_fns())
         if unknown:

@@ -49,7 +49,9 @@ class HungarianMatcher(nn.Module):
         return self.match_many([outputs], targets)[0]
 
     @torch.no_grad()
-    def match_many(self, outputs_list: Sequence[Dict[str, Tensor]], targets: Sequence[Dict[str, Tensor]]) -> List[List[Tuple[Tensor, Tensor]]]:
+    def match_many(
+        self, outputs_list: Sequence[Dict[str, Tensor]], targets: Sequence[Dict[str, Tensor]]
+    ) -> List[List[Tuple[Tensor, Tensor]]]:
         """Matches each of several prediction sets of the same batch; one cost computation, one host copy."""
         stacked = {k: torch.cat([o[k] for o in outputs_list]) for k in ("pred_logits", "pred_boxes")}
         sizes = [len(v["boxes"]) for v in targets]

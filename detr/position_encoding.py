@@ -15,7 +15,9 @@ class PositionEmbeddingSine(nn.Module):
     (float64 when the features are float64, so that a float64 golden run stays float64).
     """
 
-    def __init__(self, num_pos_feats: int = 64, temperature: int = 10000, normalize: bool = False, scale: Optional[float] = None):
+    def __init__(
+        self, num_pos_feats: int = 64, temperature: int = 10000, normalize: bool = False, scale: Optional[float] = None
+    ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature

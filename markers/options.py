@@ -48,11 +48,19 @@ def add_options(parser: pytest.Parser) -> None:
 
 
 def _add_parity_options(group, parser: pytest.Parser) -> None:
-    group.addoption("--xpu", default="auto",
-                    help=f"device under test: auto (default), a device type ({', '.join(device_types())}, or a plugin's), "
-                         f"with an optional :index as in cuda:1, or {', '.join(VARIANTS)} (the CPU run another way)")
-    group.addoption("--xpu-plugin", action="append", default=[], metavar="MODULE",
-                    help="import a vendor extension first (torch_xmlir, torch_npu, torch_mlu, torch_musa, ...); repeatable")
+    group.addoption(
+        "--xpu",
+        default="auto",
+        help=f"device under test: auto (default), a device type ({', '.join(device_types())}, or a plugin's), "
+        f"with an optional :index as in cuda:1, or {', '.join(VARIANTS)} (the CPU run another way)",
+    )
+    group.addoption(
+        "--xpu-plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a vendor extension first (torch_xmlir, torch_npu, torch_mlu, torch_musa, ...); repeatable",
+    )
     group.addoption("--precision", default="fp32",
                     help=f"comma-separated precisions under test: {', '.join(PRECISIONS)} (default fp32)")
     group.addoption("--model-config", default="r50",

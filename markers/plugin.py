@@ -53,7 +53,9 @@ def parse_precisions(value: str):
     try:
         return parse_precision_names(value)
     except ValueError:
-        raise pytest.UsageError(f"--precision {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}") from None
+        raise pytest.UsageError(
+            f"--precision {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}"
+        ) from None
 
 
 def registered_markers(config: pytest.Config) -> set:
@@ -67,7 +69,8 @@ def check_mark_expression(config: pytest.Config) -> None:
     unknown = sorted(names - registered_markers(config))
     if unknown:
         raise pytest.UsageError(
-            f"-m {expression!r}: unknown marker(s) {', '.join(unknown)}; registered: {', '.join(sorted(registered_markers(config)))}"
+            f"-m {expression!r}: unknown marker(s) {', '.join(unknown)}; "
+            f"registered: {', '.join(sorted(registered_markers(config)))}"
         )
 
 
@@ -105,7 +108,9 @@ def check_coco_path(config: pytest.Config):
     if coco_path is None:
         return None
     if not os.path.isdir(coco_path):
-        raise pytest.UsageError(f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)")
+        raise pytest.UsageError(
+            f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)"
+        )
     from detr import get_config
     from detr.data.batch import coco_parity_batch
     from detr.data.coco import DatasetError

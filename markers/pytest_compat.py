@@ -35,7 +35,9 @@ def reroot(config, args: List[str]) -> bool:
               "rootdir_cmd_arg": None, "invocation_dir": config.invocation_params.dir,
               "config": config}
     accepted = inspect.signature(findpaths.determine_setup).parameters
-    rootpath, inipath, inicfg, *ignored = findpaths.determine_setup(**{k: v for k, v in wanted.items() if k in accepted})
+    rootpath, inipath, inicfg, *ignored = findpaths.determine_setup(
+        **{k: v for k, v in wanted.items() if k in accepted}
+    )
     if (rootpath, inipath) == (config.rootpath, config.inipath):
         return False
     config._rootpath, config._inipath, config._inicfg = rootpath, inipath, inicfg

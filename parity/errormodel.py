@@ -383,13 +383,16 @@ def _budget(function: str, c: OpContext) -> float:
 
 
 class ErrorModel:
-    """Allowances for one device backend (``cuda`` gets the CUDA Math API's budgets; anything else
-    the larger of CUDA's and OpenCL's). Vendors adjust it per op through :meth:`set_ulp_budget`
+    """Allowances for a device whose elementwise functions come from ``math_library`` (``cuda``: the
+    CUDA Math API's budgets; ``default``: the larger of CUDA's and OpenCL's). Vendors adjust it per op through :meth:`set_ulp_budget`
     and :meth:`scale` (the ``pytest_detr_adjust_error_model`` hook); every adjustment is listed in
     ``adjustments`` and reported. Stateless apart from that; safe to share."""
 
-    def __init__(self, backend: str = "default"):
-        self.backend = backend if backend in ULP_BUDGETS else "default"
+    def __init__(self, math_library: str = "default"):
+        if math_library not in ULP_BUDGETS:
+            raise ValueError(f"no documented ULP table for the math library {math_library!r}; "
+                             f"known: {', '.join(ULP_BUDGETS)}")
+        self.backend = math_library
         self.budgets: Dict[str, float] = {k: float(v) for k, v in ULP_BUDGETS[self.backend].items()}
         self.factors: Dict[str, float] = {}
         self.adjustments: List[str] = []
@@ -398,7 +401,9 @@ class ErrorModel:
         """Sets the documented worst-case error of the elementwise ``function`` (``exp``, ``rsqrt``;
         ops composed of it follow) in float32 ulps: a vendor's own accuracy table."""
         if not (isinstance(ulps, (int, float)) and ulps >= 0 and math.isfinite(ulps)) or not reason:
-            raise ValueError(f"set_ulp_budget({function!r}, {ulps!r}): expected a finite number of ulps >= 0 and a reason")
+            raise ValueError(
+                f"set_ulp_budget({function!r}, {ulps!r}): expected a finite number of ulps >= 0 and a reason"
+            )
         self.adjustments.append(f"ulp budget of {function}: {self.budgets.get(function, 0.0):g} -> {ulps:g} ({reason})")
         self.budgets[function] = float(ulps)
 

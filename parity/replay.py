@@ -12,10 +12,11 @@ dropout mask are still replayed with the baseline's mask. Where a float64 kernel
 CPU the golden falls back to float32, then to the baseline output itself, and the check says so.
 
 An op whose every output is bit-identical to the baseline's passes without a golden (see
-:mod:`parity.judge`). Each other output is judged against its allowance from :class:`~parity.errormodel.ErrorModel`, computed
-from the op's own float64 inputs. The whole-run comparison aligns the golden, baseline and device
-traces op by op and shows how error accumulates through the model, as the ratio of the device's
-RMSE to the baseline's: information, not a verdict, since inherited error is not the op's fault.
+:mod:`parity.judge`). Each other output is judged against its allowance from
+:class:`~parity.errormodel.ErrorModel`, computed from the op's own float64 inputs. The whole-run
+comparison aligns the golden, baseline and device traces op by op and shows how error accumulates
+through the model, as the ratio of the device's RMSE to the baseline's: information, not a verdict,
+since inherited error is not the op's fault.
 """
 import contextlib
 import math

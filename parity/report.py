@@ -199,7 +199,9 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
             line += f" ({same} bit-identical to the baseline)"
         if worst:
             line += f", worst op margin {_num(worst.get('margin'))} ({worst.get('overload')} in {worst.get('module')})"
-        ends = [e.get("worst_end_to_end_margin") for e in entries if isinstance(e.get("worst_end_to_end_margin"), float)]
+        ends = [
+            e.get("worst_end_to_end_margin") for e in entries if isinstance(e.get("worst_end_to_end_margin"), float)
+        ]
         if ends:
             line += f", worst end-to-end margin {_num(max(ends))}"
         line += (f", first failure: {fail.get('overload') or fail.get('module')} in {fail.get('module')}: "

@@ -31,7 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -51,10 +51,15 @@ class Backend:
 
     accelerator = True
 
-    def __init__(self, device_type: str, dist_backend: str = "gloo", error_backend: str = "default"):
+    def __init__(self, device_type: str, dist_backend: str = "gloo", math_library: str = "default",
+                 visible_devices: Tuple[str, ...] = ()):
         self._type = device_type
         self.dist_backend = dist_backend
-        self.error_backend = error_backend
+        # The environment variables that choose which devices of this type a process sees (tox passes them on).
+        self.visible_devices = visible_devices
+        # The math library whose documented accuracy the device's elementwise functions have: "cuda"
+        # (the CUDA Math API), or "default" for a vendor that documents none.
+        self.math_library = math_library
 
     @property
     def type(self) -> str:
@@ -175,7 +180,8 @@ class CudaBackend(Backend):
     """NVIDIA's CUDA, and AMD's ROCm, which torch also calls ``cuda``."""
 
     def __init__(self):
-        super().__init__("cuda", dist_backend="nccl", error_backend="cuda")
+        super().__init__("cuda", dist_backend="nccl", math_library="cuda",
+                         visible_devices=("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"))
 
     def set_tf32(self, enabled: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = enabled
@@ -318,10 +324,11 @@ class OtherCpuKernels(CpuBackend):
 # In the order ``auto`` probes them when torch.accelerator is missing; the CPU comes last.
 BACKENDS: Dict[str, Backend] = {
     "cuda": CudaBackend(),
-    "xpu": Backend("xpu", dist_backend="xccl"),
-    "npu": Backend("npu", dist_backend="hccl"),
-    "mlu": Backend("mlu", dist_backend="cncl"),
-    "musa": Backend("musa", dist_backend="mccl"),
+    # Kunlunxin's XPU_VISIBLE_DEVICES and Intel's ZE_AFFINITY_MASK: both vendors' devices are "xpu".
+    "xpu": Backend("xpu", dist_backend="xccl", visible_devices=("XPU_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")),
+    "npu": Backend("npu", dist_backend="hccl", visible_devices=("ASCEND_RT_VISIBLE_DEVICES",)),
+    "mlu": Backend("mlu", dist_backend="cncl", visible_devices=("MLU_VISIBLE_DEVICES",)),
+    "musa": Backend("musa", dist_backend="mccl", visible_devices=("MUSA_VISIBLE_DEVICES",)),
     PRIVATEUSE1: PrivateUse1Backend(),
     "cpu": CpuBackend(),
     "cpu-alt": OtherCpuKernels(),
@@ -400,7 +407,9 @@ def import_plugins(modules: Iterable[str], option: str = "--xpu-plugin") -> List
     return loaded
 
 
-def resolve(spec: str, index: Optional[int] = None, option: str = "--xpu", plugin_option: str = "--xpu-plugin") -> "Device":
+def resolve(
+    spec: str, index: Optional[int] = None, option: str = "--xpu", plugin_option: str = "--xpu-plugin"
+) -> "Device":
     """``--xpu`` as a :class:`Device`: ``auto``, a torch device string, or a variant (``cpu-alt``).
     ``index``: the device an accelerator's string without one takes (a torchrun rank's LOCAL_RANK)."""
     if spec in VARIANTS:
@@ -419,12 +428,14 @@ def resolve_device(spec: str, index: Optional[int] = None, option: str = "--xpu"
     except (RuntimeError, ValueError) as exc:
         raise DeviceError(
             f"{option} {spec!r} is not a torch device ({exc}). Accepted: auto, cpu, or a device "
-            f"string such as cuda, cuda:1, xpu, npu:0, or {', '.join(VARIANTS)} (available here: {', '.join(available_backends())})"
+            f"string such as cuda, cuda:1, xpu, npu:0, or {', '.join(VARIANTS)} "
+            f"(available here: {', '.join(available_backends())})"
         ) from None
     backend = backend_for(device.type)
     if not backend.available():
         raise DeviceError(
-            f"{option} {spec!r}: device type {device.type!r} is not available here (no such device visible, or this torch build lacks it) "
+            f"{option} {spec!r}: device type {device.type!r} is not available here (no such device visible, "
+            "or this torch build lacks it) "
             f"(available here: {', '.join(available_backends())}). Did you forget {plugin_option}?"
         )
     if backend.accelerator and device.index is None and index is not None:
@@ -523,9 +534,9 @@ class Device:
     def set_rng_state(self, state: Any) -> None:
         self.backend.set_rng_state(state, self.device)
 
-    def error_backend(self) -> str:
-        """The error model's table for this device (``cuda`` or ``default``)."""
-        return self.backend.error_backend
+    def math_library(self) -> str:
+        """The math library whose documented accuracy this device has (``cuda`` or ``default``)."""
+        return self.backend.math_library
 
     def autocast_dtype(self) -> torch.dtype:
         """The low-precision dtype that ``torch.autocast`` uses on this device."""

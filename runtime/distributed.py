@@ -43,7 +43,8 @@ class DistInfo:
 
 
 def dist_info_from_env() -> DistInfo:
-    """The process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); 1 process without them."""
+    """The process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); one process
+    without them."""
     env = os.environ
     world = int(env.get("WORLD_SIZE", "1"))
     return DistInfo(

@@ -95,7 +95,9 @@ def test_default_storage_is_rooted_in_the_repository(tmp_path):
     option = SimpleNamespace(benchmark_storage=options.DEFAULT_STORAGE, bench_batch_size=None,
                              bench_image_size=None, bench_warmup=None)
     config = SimpleNamespace(
-        stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")}, rootpath=ROOT, option=option,
+        stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")},
+        rootpath=ROOT,
+        option=option,
         pluginmanager=SimpleNamespace(hasplugin=lambda name: name == "benchmark"),
         getoption=lambda name: getattr(option, name.lstrip("-").replace("-", "_")),
     )

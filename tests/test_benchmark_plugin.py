@@ -31,7 +31,10 @@ def test_bad_numbers_are_usage_errors(value, least, example, message):
 
 
 def test_machine_info_names_the_device_under_test():
-    config = SimpleNamespace(stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")}, getoption=lambda name: [])
+    config = SimpleNamespace(
+        stash={STATE: SuiteState(xpu=resolve("cpu"), precisions=["fp32"], model_config="tiny")},
+        getoption=lambda name: [],
+    )
     info = {}
     plugin.pytest_benchmark_update_machine_info(config, info)
     device = info["device_under_test"]

@@ -178,7 +178,9 @@ def test_unknown_category_id(fresh):
     data = load_json(ann_file)
     data["annotations"][0]["category_id"] = 42
     ann_file.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"instances_train2017.json: 1 annotations refer to unknown category ids.*42"):
+    with pytest.raises(
+        DatasetError, match=r"instances_train2017.json: 1 annotations refer to unknown category ids.*42"
+    ):
         CocoDetection(img_folder, ann_file)
 
 

@@ -54,7 +54,10 @@ def test_wrong_labels_score_zero(coco):
 
 def test_empty_predictions_score_zero(coco):
     assert evaluate_coco(coco, {})["AP"] == 0.0
-    empty = {i: {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)} for i in coco.getImgIds()}
+    empty = {
+        i: {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+        for i in coco.getImgIds()
+    }
     result = evaluate_coco(coco, empty)
     assert result["AP"] == 0.0 and result["AR100"] == 0.0
 
@@ -85,7 +88,9 @@ def test_batches_and_merged_ranks_match_one_shot(coco):
 
 
 def test_results_are_plain_xywh():
-    results = to_coco_results({3: {"scores": [0.5], "labels": torch.tensor([2]), "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]])}})
+    results = to_coco_results(
+        {3: {"scores": [0.5], "labels": torch.tensor([2]), "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]])}}
+    )
     assert results == [{"image_id": 3, "category_id": 2, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.5}]
     assert all(type(v) in (int, float, list) for v in results[0].values())
 

@@ -171,7 +171,10 @@ def test_points_beyond_the_reference_are_not_judged_and_one_seed_is_not_a_distri
     reference = _seeds([0.1, 0.2], [0.01, 0.01], [1000.0, 2000.0])
     early = [{"samples": 500.0, "mAP": 0.05}, {"samples": 9000.0, "mAP": 0.9}]
     verdict = judge_against_seeds([early], reference, 0.0)
-    assert verdict.passed and "the mean of 1 run(s) against 5 reference seeds at the same trained samples (up to 500)" in verdict.method
+    assert (
+        verdict.passed
+        and "the mean of 1 run(s) against 5 reference seeds at the same trained samples (up to 500)" in verdict.method
+    )
     with pytest.raises(ValueError, match="no evaluation of the device"):
         judge_against_seeds([[{"samples": 9000.0, "mAP": 0.9}]], reference, 0.0)
     with pytest.raises(ValueError, match="at least 2 reference seeds"):

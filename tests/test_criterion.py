@@ -50,7 +50,10 @@ def test_classification_loss_by_hand():
     c = criterion()
     logits = torch.zeros(1, 2, NUM_CLASSES + 1, dtype=torch.float64)
     logits[0, 0, 3] = 2.0
-    outputs = {"pred_logits": logits, "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]], dtype=torch.float64)}
+    outputs = {
+        "pred_logits": logits,
+        "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]], dtype=torch.float64),
+    }
     targets = [{"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]], dtype=torch.float64)}]
     losses = c(outputs, targets)
     logp = logits.log_softmax(-1)
@@ -114,7 +117,9 @@ def test_tiny_model_gradients_reach_every_trainable_parameter():
                {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.6, 0.4, 0.2, 0.5]])}]
     losses = crit(model(images), targets)
     sum(losses[k] * w for k, w in crit.weight_dict.items()).backward()
-    missing = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)}
+    missing = {
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    }
     # The decoder starts from zeros: its first self-attention sees zero values, so its output is
     # its bias alone and these weights get no gradient, in the reference as here.
     first = "transformer.decoder.layers.0."

@@ -57,11 +57,21 @@ class CountingCpu(CpuBackend):
 def test_the_registry_has_every_backend():
     assert list(layer.BACKENDS) == ["cuda", "xpu", "npu", "mlu", "musa", "privateuse1", "cpu", "cpu-alt"]
     libraries = {name: b.dist_backend for name, b in layer.BACKENDS.items() if name != "privateuse1"}
-    assert libraries == {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "mlu": "cncl", "musa": "mccl", "cpu": "gloo", "cpu-alt": "gloo"}
+    assert libraries == {
+        "cuda": "nccl",
+        "xpu": "xccl",
+        "npu": "hccl",
+        "mlu": "cncl",
+        "musa": "mccl",
+        "cpu": "gloo",
+        "cpu-alt": "gloo",
+    }
     assert layer.BACKENDS["privateuse1"].type == torch._C._get_privateuse1_backend_name()
     assert layer.BACKENDS["cpu-alt"].type == "cpu" and layer.variants() == ["cpu-alt"]
-    assert [b.error_backend for b in layer.BACKENDS.values()].count("cuda") == 1
-    assert layer.backend_for("cuda").error_backend == "cuda" and Device(torch.device("cpu")).error_backend() == "default"
+    assert [b.math_library for b in layer.BACKENDS.values()].count("cuda") == 1
+    assert (
+        layer.backend_for("cuda").math_library == "cuda" and Device(torch.device("cpu")).math_library() == "default"
+    )
 
 
 def test_an_unregistered_type_is_served_by_its_torch_module():
@@ -139,7 +149,10 @@ def test_an_unknown_device_string_names_the_accepted_forms(spec, message):
     with pytest.raises(DeviceError) as error:
         resolve(spec)
     assert message in str(error.value)
-    assert "Accepted: auto, cpu, or a device string such as cuda, cuda:1, xpu, npu:0, or cpu-alt (available here: " in str(error.value)
+    assert (
+        "Accepted: auto, cpu, or a device string such as cuda, cuda:1, xpu, npu:0, or cpu-alt (available here: "
+        in str(error.value)
+    )
 
 
 def test_the_trainer_names_its_own_options():

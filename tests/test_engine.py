@@ -57,7 +57,9 @@ def test_gradients_are_clipped_before_the_step(coco_dir):
         return step(*args, **kwargs)
 
     optimizer.step = checked_step
-    train_one_epoch(model, criterion, fixed_loader(coco_dir), optimizer, torch.device("cpu"), 0, max_norm=0.1, log_every=0)
+    train_one_epoch(
+        model, criterion, fixed_loader(coco_dir), optimizer, torch.device("cpu"), 0, max_norm=0.1, log_every=0
+    )
     assert norms and max(norms) <= 0.1 + 1e-6
 
 
@@ -80,7 +82,9 @@ def test_nan_loss_stops_the_run_naming_the_terms(coco_dir):
 
     criterion.loss_boxes = nan_giou
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 0 step 0; non-finite terms: loss_giou=nan, loss_giou_0=nan"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at epoch 0 step 0; non-finite terms: loss_giou=nan, loss_giou_0=nan"
+    ):
         train_one_epoch(model, criterion, fixed_loader(coco_dir), optimizer, torch.device("cpu"), 0, log_every=0)
 
 
@@ -88,7 +92,16 @@ def test_progress_lines(coco_dir):
     model, criterion, _ = tiny_model(coco_dir)
     lines = []
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    train_one_epoch(model, criterion, fixed_loader(coco_dir, batch_size=2), optimizer, torch.device("cpu"), 0, log_every=1, log=lines.append)
+    train_one_epoch(
+        model,
+        criterion,
+        fixed_loader(coco_dir, batch_size=2),
+        optimizer,
+        torch.device("cpu"),
+        0,
+        log_every=1,
+        log=lines.append,
+    )
     assert len(lines) == 2
     assert lines[-1].startswith("epoch 0 step 2/2 loss ") and "img/s" in lines[-1] and "eta 0s" in lines[-1]
 
@@ -101,8 +114,14 @@ def test_evaluate_returns_the_coco_stats(coco_dir):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "training.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "training.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_cli_trains_evaluates_checkpoints_and_resumes(coco_dir, tmp_path):

@@ -51,9 +51,26 @@ def test_malformed_lines_name_the_line(tmp_path, text, message):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--xpu", "cpu", "--model-config",
-                           "tiny", "suite/test_position_encoding.py", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--xpu",
+            "cpu",
+            "--model-config",
+            "tiny",
+            "suite/test_position_encoding.py",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_expected_failure_passes_the_run_and_is_listed_apart(tmp_path):
@@ -62,7 +79,9 @@ def test_expected_failure_passes_the_run_and_is_listed_apart(tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "1 passed, 1 xfailed" in out
-    assert f"expected failure, failed as expected: {SINE}: sine off by 1e-4 on this backend (VENDOR-7) ({path}:1)" in out
+    assert (
+        f"expected failure, failed as expected: {SINE}: sine off by 1e-4 on this backend (VENDOR-7) ({path}:1)" in out
+    )
     assert "XFAIL position encoding (sine) [fp32]" in out and "PASS position encoding (learned) [fp32]" in out
     assert "expected failure: sine off by 1e-4" in (tmp_path / "parity.md").read_text()
 
@@ -79,7 +98,9 @@ def test_an_entry_whose_test_passes_fails_the_run(tmp_path):
 def test_a_malformed_file_is_a_usage_error(tmp_path):
     path = write(tmp_path, "suite/test_position_encoding.py::*\n")
     done = run(f"--expectations={path}", "--collect-only")
-    assert done.returncode == 4 and f"{path}:1:" in done.stderr and "has no reason" in done.stderr, done.stdout + done.stderr
+    assert done.returncode == 4 and f"{path}:1:" in done.stderr and "has no reason" in done.stderr, (
+        done.stdout + done.stderr
+    )
 
 
 def test_the_ini_value_names_the_file_too(tmp_path):

@@ -12,25 +12,137 @@ from tests.parity.blocks import reported
 
 # (what the bug looks like, part, fault spec, op the report must name first, phase, module prefix)
 CATALOGUE = [
-    ("convolution computed in bf16", "backbone", "aten.convolution:round=bf16", "aten.convolution", "forward", "backbone.0.body"),
-    ("frozen batch norm with a wrong epsilon", "backbone", "aten.rsqrt:scale=1.001", "aten.rsqrt", "forward", "backbone.0.body.bn1"),
-    ("max-pool returns shifted values", "backbone", "aten.max_pool2d_with_indices:offset=1e-3", "aten.max_pool2d_with_indices", "forward", "backbone.0.body.maxpool"),
-    ("noisy convolution weight gradient", "backbone", "aten.convolution_backward:noise=1e-3", "aten.convolution_backward", "backward", "backbone.0.body"),
+    (
+        "convolution computed in bf16",
+        "backbone",
+        "aten.convolution:round=bf16",
+        "aten.convolution",
+        "forward",
+        "backbone.0.body",
+    ),
+    (
+        "frozen batch norm with a wrong epsilon",
+        "backbone",
+        "aten.rsqrt:scale=1.001",
+        "aten.rsqrt",
+        "forward",
+        "backbone.0.body.bn1",
+    ),
+    (
+        "max-pool returns shifted values",
+        "backbone",
+        "aten.max_pool2d_with_indices:offset=1e-3",
+        "aten.max_pool2d_with_indices",
+        "forward",
+        "backbone.0.body.maxpool",
+    ),
+    (
+        "noisy convolution weight gradient",
+        "backbone",
+        "aten.convolution_backward:noise=1e-3",
+        "aten.convolution_backward",
+        "backward",
+        "backbone.0.body",
+    ),
     ("inaccurate sine", "position encoding (sine)", "aten.sin:noise=1e-4", "aten.sin", "forward", "encoding"),
-    ("cumulative sum off by one", "position encoding (sine)", "aten.cumsum:offset=1", "aten.cumsum", "forward", "encoding"),
-    ("attention softmax in bf16", "transformer", "aten._softmax:round=bf16", "aten._softmax", "forward", "transformer.encoder.layers.0.self_attn"),
-    ("TF32 attention matmul", "transformer", "aten.bmm:round=tf32", "aten.bmm", "forward", "transformer.encoder.layers.0.self_attn"),
-    ("TF32 linear layers", "transformer", "aten.addmm:round=tf32", "aten.addmm", "forward", "transformer.encoder.layers.0"),
-    ("noisy layer norm", "transformer", "aten.native_layer_norm:noise=1e-4", "aten.native_layer_norm", "forward", "transformer.encoder.layers.0.norm1"),
-    ("NaN from layer norm", "transformer", "aten.native_layer_norm:nan", "aten.native_layer_norm", "forward", "transformer.encoder.layers.0.norm1"),
-    ("noisy softmax backward", "transformer", "aten._softmax_backward_data:noise=1e-3", "aten._softmax_backward_data", "backward", "transformer.decoder"),
-    ("layer norm backward with an offset", "transformer", "aten.native_layer_norm_backward:offset=1e-4", "aten.native_layer_norm_backward", "backward", "transformer.decoder"),
-    ("ReLU backward drops gradients", "transformer", "aten.threshold_backward:zero=0.1", "aten.threshold_backward", "backward", "transformer.decoder"),
-    ("L1 cost distance scaled", "matcher cost", "aten._cdist_forward:scale=1.001", "aten._cdist_forward", "forward", "(root)"),
+    (
+        "cumulative sum off by one",
+        "position encoding (sine)",
+        "aten.cumsum:offset=1",
+        "aten.cumsum",
+        "forward",
+        "encoding",
+    ),
+    (
+        "attention softmax in bf16",
+        "transformer",
+        "aten._softmax:round=bf16",
+        "aten._softmax",
+        "forward",
+        "transformer.encoder.layers.0.self_attn",
+    ),
+    (
+        "TF32 attention matmul",
+        "transformer",
+        "aten.bmm:round=tf32",
+        "aten.bmm",
+        "forward",
+        "transformer.encoder.layers.0.self_attn",
+    ),
+    (
+        "TF32 linear layers",
+        "transformer",
+        "aten.addmm:round=tf32",
+        "aten.addmm",
+        "forward",
+        "transformer.encoder.layers.0",
+    ),
+    (
+        "noisy layer norm",
+        "transformer",
+        "aten.native_layer_norm:noise=1e-4",
+        "aten.native_layer_norm",
+        "forward",
+        "transformer.encoder.layers.0.norm1",
+    ),
+    (
+        "NaN from layer norm",
+        "transformer",
+        "aten.native_layer_norm:nan",
+        "aten.native_layer_norm",
+        "forward",
+        "transformer.encoder.layers.0.norm1",
+    ),
+    (
+        "noisy softmax backward",
+        "transformer",
+        "aten._softmax_backward_data:noise=1e-3",
+        "aten._softmax_backward_data",
+        "backward",
+        "transformer.decoder",
+    ),
+    (
+        "layer norm backward with an offset",
+        "transformer",
+        "aten.native_layer_norm_backward:offset=1e-4",
+        "aten.native_layer_norm_backward",
+        "backward",
+        "transformer.decoder",
+    ),
+    (
+        "ReLU backward drops gradients",
+        "transformer",
+        "aten.threshold_backward:zero=0.1",
+        "aten.threshold_backward",
+        "backward",
+        "transformer.decoder",
+    ),
+    (
+        "L1 cost distance scaled",
+        "matcher cost",
+        "aten._cdist_forward:scale=1.001",
+        "aten._cdist_forward",
+        "forward",
+        "(root)",
+    ),
     ("GIoU clamp with an offset", "matcher cost", "aten.clamp:offset=1e-3", "aten.clamp", "forward", "(root)"),
-    ("log-softmax of the class loss in fp16", "criterion", "aten._log_softmax:round=fp16", "aten._log_softmax", "forward", "criterion"),
+    (
+        "log-softmax of the class loss in fp16",
+        "criterion",
+        "aten._log_softmax:round=fp16",
+        "aten._log_softmax",
+        "forward",
+        "criterion",
+    ),
     ("biased reduction", "criterion", "aten.sum:scale=1.0001", "aten.sum", "forward", "criterion"),
-    ("noisy NLL backward", "criterion", "aten.nll_loss2d_backward:noise=1e-3", "aten.nll_loss2d_backward", "backward", "criterion"),
+    (
+        "noisy NLL backward",
+        "criterion",
+        "aten.nll_loss2d_backward:noise=1e-3",
+        "aten.nll_loss2d_backward",
+        "backward",
+        "criterion",
+    ),
     ("inaccurate sigmoid of the box head", "heads", "aten.sigmoid:noise=1e-4", "aten.sigmoid", "forward", "(root)"),
     ("AdamW update scaled", "train step", "aten.addcdiv_:scale=1.001", "aten.addcdiv_", "forward", ""),
 ]
@@ -43,17 +155,66 @@ GRAY_ZONE = [
     ("division 1e-5 noise", "criterion", "aten.div:noise=1e-5", "aten.div", "forward", "criterion"),
     ("softmax 1e-5 noise", "transformer", "aten._softmax:noise=1e-5", "aten._softmax", "forward", "transformer"),
     ("softmax 1e-5 bias", "transformer", "aten._softmax:scale=1.00001", "aten._softmax", "forward", "transformer"),
-    ("log-softmax 1e-5 bias", "criterion", "aten._log_softmax:scale=1.00001", "aten._log_softmax", "forward", "criterion"),
-    ("layer norm 1e-5 bias", "transformer", "aten.native_layer_norm:scale=1.00001", "aten.native_layer_norm", "forward", "transformer"),
-    ("layer norm backward 1e-5 noise", "transformer", "aten.native_layer_norm_backward:noise=1e-5", "aten.native_layer_norm_backward", "backward", "transformer"),
-    ("softmax backward 1e-5 noise", "transformer", "aten._softmax_backward_data:noise=1e-5", "aten._softmax_backward_data", "backward", "transformer"),
+    (
+        "log-softmax 1e-5 bias",
+        "criterion",
+        "aten._log_softmax:scale=1.00001",
+        "aten._log_softmax",
+        "forward",
+        "criterion",
+    ),
+    (
+        "layer norm 1e-5 bias",
+        "transformer",
+        "aten.native_layer_norm:scale=1.00001",
+        "aten.native_layer_norm",
+        "forward",
+        "transformer",
+    ),
+    (
+        "layer norm backward 1e-5 noise",
+        "transformer",
+        "aten.native_layer_norm_backward:noise=1e-5",
+        "aten.native_layer_norm_backward",
+        "backward",
+        "transformer",
+    ),
+    (
+        "softmax backward 1e-5 noise",
+        "transformer",
+        "aten._softmax_backward_data:noise=1e-5",
+        "aten._softmax_backward_data",
+        "backward",
+        "transformer",
+    ),
     ("sum 1e-4 noise", "criterion", "aten.sum:noise=1e-4", "aten.sum", "forward", "criterion"),
     ("matmul 1e-4 noise", "transformer", "aten.mm:noise=1e-4", "aten.mm", "forward", "transformer"),
     ("batched matmul 1e-4 bias", "transformer", "aten.bmm:scale=1.0001", "aten.bmm", "forward", "transformer"),
     ("linear 1e-4 noise", "transformer", "aten.addmm:noise=1e-4", "aten.addmm", "forward", "transformer"),
-    ("convolution 1e-4 noise", "backbone", "aten.convolution:noise=1e-4", "aten.convolution", "forward", "backbone.0.body.conv1"),
-    ("convolution 1e-4 bias", "backbone", "aten.convolution:scale=1.0001", "aten.convolution", "forward", "backbone.0.body.conv1"),
-    ("convolution backward 1e-4 noise", "backbone", "aten.convolution_backward:noise=1e-4", "aten.convolution_backward", "backward", "backbone.0.body"),
+    (
+        "convolution 1e-4 noise",
+        "backbone",
+        "aten.convolution:noise=1e-4",
+        "aten.convolution",
+        "forward",
+        "backbone.0.body.conv1",
+    ),
+    (
+        "convolution 1e-4 bias",
+        "backbone",
+        "aten.convolution:scale=1.0001",
+        "aten.convolution",
+        "forward",
+        "backbone.0.body.conv1",
+    ),
+    (
+        "convolution backward 1e-4 noise",
+        "backbone",
+        "aten.convolution_backward:noise=1e-4",
+        "aten.convolution_backward",
+        "backward",
+        "backbone.0.body",
+    ),
 ]
 
 
@@ -79,13 +240,17 @@ def tally(request):
     caught = sum(r == "caught" for r in results)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and results:
-        reporter.write_line(f"\nfault catalogue: {caught}/{len(results)} faults detected and localised to the faulted op "
-                            f"({len(CATALOGUE)} large, {len(GRAY_ZONE)} in the gray zone)")
+        reporter.write_line(
+            f"\nfault catalogue: {caught}/{len(results)} faults detected and localised to the faulted op "
+            f"({len(CATALOGUE)} large, {len(GRAY_ZONE)} in the gray zone)"
+        )
 
 
 def check(parts, part, faults=()):
     module, inputs, run = parts[part]
-    return compare_part(part, module, inputs, run, "cpu", "fp32", faults=faults, **{**PARTS[part].judge, "whole_run": False})
+    return compare_part(
+        part, module, inputs, run, "cpu", "fp32", faults=faults, **{**PARTS[part].judge, "whole_run": False}
+    )
 
 
 @pytest.mark.parametrize("part", list(PARTS))
@@ -113,6 +278,12 @@ def test_fault_is_caught_and_localised(parts, tally, bug, part, spec, op, phase,
 
 def test_catalogue_covers_every_part_and_both_phases():
     assert len(CATALOGUE) >= 15
-    assert {c[1] for c in CATALOGUE} >= {"backbone", "position encoding (sine)", "transformer", "matcher cost", "criterion"}
+    assert {c[1] for c in CATALOGUE} >= {
+        "backbone",
+        "position encoding (sine)",
+        "transformer",
+        "matcher cost",
+        "criterion",
+    }
     assert {c[1] for c in CATALOGUE + GRAY_ZONE} <= set(PARTS)
     assert {c[4] for c in CATALOGUE} == {"forward", "backward"}

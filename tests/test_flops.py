@@ -32,7 +32,9 @@ def test_detr_steps_count_the_same_op_by_op(kind):
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.sampled_from([1, 2]), st.integers(1, 3), st.integers(4, 9),
        st.integers(1, 2), st.integers(0, 1), st.booleans(), st.booleans())
-def test_convolutions_forward_and_backward(batch, per_group, groups, kernel, size, stride, padding, transposed, weight_grad):
+def test_convolutions_forward_and_backward(
+    batch, per_group, groups, kernel, size, stride, padding, transposed, weight_grad
+):
     channels = per_group * groups
     x = torch.randn(batch, channels, size, size, requires_grad=True)
     if transposed:

@@ -15,12 +15,18 @@ def random_problem(seed, num_queries, sizes):
     g = torch.Generator().manual_seed(seed)
     outputs = {
         "pred_logits": torch.randn(len(sizes), num_queries, NUM_CLASSES + 1, generator=g, dtype=torch.float64),
-        "pred_boxes": 0.2 + 0.6 * torch.rand(len(sizes), num_queries, 4, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 0.5, 0.5], dtype=torch.float64),
+        "pred_boxes": 0.2
+        + 0.6
+        * torch.rand(len(sizes), num_queries, 4, generator=g, dtype=torch.float64)
+        * torch.tensor([1, 1, 0.5, 0.5], dtype=torch.float64),
     }
     targets = [
         {
             "labels": torch.randint(0, NUM_CLASSES, (n,), generator=g),
-            "boxes": 0.2 + 0.6 * torch.rand(n, 4, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 0.5, 0.5], dtype=torch.float64),
+            "boxes": 0.2
+            + 0.6
+            * torch.rand(n, 4, generator=g, dtype=torch.float64)
+            * torch.tensor([1, 1, 0.5, 0.5], dtype=torch.float64),
         }
         for n in sizes
     ]

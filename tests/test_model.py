@@ -134,7 +134,9 @@ def test_transformer_ignores_masked_positions():
     changed = src.clone()
     changed[:, :, :, 2:] = torch.randn(1, 32, 3, 2) * 10
     torch.testing.assert_close(t(changed, mask, query, pos)[0], t(src, mask, query, pos)[0])
-    assert not torch.allclose(t(changed, torch.zeros_like(mask), query, pos)[0], t(src, torch.zeros_like(mask), query, pos)[0])
+    assert not torch.allclose(
+        t(changed, torch.zeros_like(mask), query, pos)[0], t(src, torch.zeros_like(mask), query, pos)[0]
+    )
 
 
 def test_detr_outputs(tiny):
@@ -156,7 +158,7 @@ def test_detr_without_aux_loss():
 
 def test_mlp():
     mlp = MLP(8, 16, 4, 3)
-    assert [l.out_features for l in mlp.layers] == [16, 16, 4]
+    assert [layer.out_features for layer in mlp.layers] == [16, 16, 4]
     assert mlp(torch.randn(5, 8)).shape == (5, 4)
 
 

@@ -13,18 +13,27 @@ def pytest_run(*args, cwd=ROOT):
                           cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--xpu", "tpu9"], "--xpu 'tpu9' is not a torch device"),
-    (["--xpu", "mps"], "device type 'mps' is not available here"),
-    (["--xpu-plugin", "torch_nosuchvendor"], "--xpu-plugin torch_nosuchvendor: import failed with ModuleNotFoundError"),
-    (["--precision", "fp32,fp8"], "--precision 'fp32,fp8': expected a comma-separated list of fp32, tf32, amp, fp16, bf16"),
-    (["--model-config", "r101"], "--model-config 'r101': expected r50 or tiny"),
-    (["--coco-path", "/nonexistent/coco"], "--coco-path '/nonexistent/coco': no such folder"),
-    (["--inject-fault", "aten.softmax:wobble"], "unknown kind 'wobble'"),
-    (["--inject-fault", "softmax:nan"], "must be <namespace>.<op>[.<overload>]"),
-    (["--inject-fault", "aten.exp:ulp=-1"], "ulp must not be negative"),
-    (["-m", "xpu and 3x8"], "3x8"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--xpu", "tpu9"], "--xpu 'tpu9' is not a torch device"),
+        (["--xpu", "mps"], "device type 'mps' is not available here"),
+        (
+            ["--xpu-plugin", "torch_nosuchvendor"],
+            "--xpu-plugin torch_nosuchvendor: import failed with ModuleNotFoundError",
+        ),
+        (
+            ["--precision", "fp32,fp8"],
+            "--precision 'fp32,fp8': expected a comma-separated list of fp32, tf32, amp, fp16, bf16",
+        ),
+        (["--model-config", "r101"], "--model-config 'r101': expected r50 or tiny"),
+        (["--coco-path", "/nonexistent/coco"], "--coco-path '/nonexistent/coco': no such folder"),
+        (["--inject-fault", "aten.softmax:wobble"], "unknown kind 'wobble'"),
+        (["--inject-fault", "softmax:nan"], "must be <namespace>.<op>[.<overload>]"),
+        (["--inject-fault", "aten.exp:ulp=-1"], "ulp must not be negative"),
+        (["-m", "xpu and 3x8"], "3x8"),
+    ],
+)
 def test_bad_values_are_usage_errors(args, message):
     result = pytest_run(*args)
     assert result.returncode == 4, result.stdout + result.stderr
@@ -59,7 +68,9 @@ def test_path_options_take_their_value_after_a_space(tmp_path):
     result = pytest_run("-m", "xpu", "--model-config", "tiny", "--report-dir", str(tmp_path),
                         "--reference-curve", str(curve), "--expectations", str(tmp_path / "none.txt"))
     assert result.returncode == 4 and "--expectations" in result.stdout + result.stderr, result.stdout + result.stderr
-    result = pytest_run("-m", "xpu", "--model-config", "tiny", "--report-dir", str(tmp_path), "--reference-curve", str(curve))
+    result = pytest_run(
+        "-m", "xpu", "--model-config", "tiny", "--report-dir", str(tmp_path), "--reference-curve", str(curve)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "suite/test_backbone.py::test_backbone[fp32]" in result.stdout
     assert "14/" in result.stdout.splitlines()[-1]
@@ -80,5 +91,7 @@ def test_precisions_and_model_configs_are_written_once():
     from runtime import precision as names
     from training import train
 
-    assert plugin.PRECISIONS is precision.PRECISIONS is names.PRECISIONS and set(train.AUTOCAST) == set(names.PRECISIONS)
+    assert plugin.PRECISIONS is precision.PRECISIONS is names.PRECISIONS and set(train.AUTOCAST) == set(
+        names.PRECISIONS
+    )
     assert plugin.MODEL_CONFIGS == tuple(config.CONFIGS) == ("r50", "tiny")

@@ -17,7 +17,9 @@ def readme_parts_table() -> str:
 
 
 def test_readme_parts_table_is_the_registry():
-    assert readme_parts_table() == parts_table(), "README.md's table of parts is stale: paste `python -m fixtures.parts`"
+    assert readme_parts_table() == parts_table(), (
+        "README.md's table of parts is stale: paste `python -m fixtures.parts`"
+    )
 
 
 @pytest.mark.parametrize("name", list(PARTS))
@@ -31,7 +33,9 @@ def test_every_part_has_its_suite_test(name):
 
 def test_suite_checks_parts_only_through_the_registry():
     for path in sorted((ROOT / "suite").glob("test_*.py")):
-        assert "check_part(" not in path.read_text(), f"{path.name} calls check_part itself: declare the part in fixtures/parts.py"
+        assert "check_part(" not in path.read_text(), (
+            f"{path.name} calls check_part itself: declare the part in fixtures/parts.py"
+        )
 
 
 def test_part_names_and_tests_are_unique():

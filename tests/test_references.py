@@ -29,7 +29,10 @@ def shipped():
 
 
 def mean_curve(curves):
-    return [{"samples": p["samples"], "mAP": sum(c[i]["mAP"] for c in curves) / len(curves)} for i, p in enumerate(curves[0])]
+    return [
+        {"samples": p["samples"], "mAP": sum(c[i]["mAP"] for c in curves) / len(curves)}
+        for i, p in enumerate(curves[0])
+    ]
 
 
 def test_the_shipped_file_holds_at_least_ten_seeds_of_this_recipe_with_their_provenance():
@@ -139,7 +142,9 @@ def test_the_earlier_128px_step_recipe_names_its_options_and_judges_closer():
     curves = load_curves(STEP)
     assert len(curves) >= 5 and data["meta"]["recipe"]["recipe"]["lr_schedule"] == "step"
     for made in data["meta"]["provenance"]:
-        assert made["command"].endswith("--scales 128 --max-size 128 --val-size 128 --lr-schedule step --epochs 8 --lr-drop 6")
+        assert made["command"].endswith(
+            "--scales 128 --max-size 128 --val-size 128 --lr-schedule step --epochs 8 --lr-drop 6"
+        )
     mean = mean_curve(curves)
     assert judge_against_seeds([mean], curves).passed
     assert not judge_against_seeds([stretched(mean, 1.25)], curves).passed

@@ -57,7 +57,10 @@ def test_is_valid_coco(tmp_path, split, count):
 def test_train_and_val_image_ids_are_disjoint(tmp_path):
     root = generate(tmp_path, seed=0, **TINY)
     ids = {
-        split: {img["id"] for img in json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())["images"]}
+        split: {
+            img["id"]
+            for img in json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())["images"]
+        }
         for split in ("train", "val")
     }
     assert not ids["train"] & ids["val"]
@@ -175,7 +178,11 @@ def test_class_colours_and_object_sizes(tmp_path):
         x, y, w, h = ann["bbox"]
         image = Image.open(root / "train2017" / f"{ann['image_id']:012d}.jpg")
         pixel = image.getpixel((int(x + w / 2), int(y + h / 2)))
-        if all(_clear_of(ann, other) for other in data["annotations"] if other is not ann and other["image_id"] == ann["image_id"]):
+        if all(
+            _clear_of(ann, other)
+            for other in data["annotations"]
+            if other is not ann and other["image_id"] == ann["image_id"]
+        ):
             assert pixel[0] > 150 and pixel[1] < 110 and pixel[2] < 110, pixel
 
 

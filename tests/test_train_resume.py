@@ -11,7 +11,20 @@ from runtime import compat
 from runtime.files import TMP_GLOB
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--device", "cpu", "--train-limit", "12", "--val-limit", "8", "--batch-size", "2", "--threads", "1", "--seed", "7"]
+COMMON = [
+    "--device",
+    "cpu",
+    "--train-limit",
+    "12",
+    "--val-limit",
+    "8",
+    "--batch-size",
+    "2",
+    "--threads",
+    "1",
+    "--seed",
+    "7",
+]
 
 
 def train(out: Path, *args):
@@ -27,7 +40,9 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, schedu
     plan = ["--lr-schedule", schedule, "--lr-drop", "1"]
     straight, _ = train(tmp_path / "straight", "--epochs", "2", *plan)
     train(tmp_path / "cut", "--epochs", "1", *plan)
-    resumed, stdout = train(tmp_path / "cut", "--epochs", "2", *plan, "--resume", str(tmp_path / "cut" / "checkpoint.pth"))
+    resumed, stdout = train(
+        tmp_path / "cut", "--epochs", "2", *plan, "--resume", str(tmp_path / "cut" / "checkpoint.pth")
+    )
     assert "resumed from" in stdout and "at epoch 1, step 6" in stdout
     assert resumed["steps"] == straight["steps"] == 12
     assert resumed["param_digests"] == straight["param_digests"]
@@ -66,5 +81,7 @@ def test_the_init_seed_defaults_to_the_seed_and_moves_the_initial_weights(tmp_pa
 
 def test_the_result_names_the_threads_the_device_s_kernels_ran_on(tmp_path):
     """cpu-alt computes on one thread whatever --threads asks for (it is the CPU with other kernels)."""
-    result, stdout = train(tmp_path, "--threads", "2", "--device", "cpu-alt", "--epochs", "1", "--max-steps", "1", "--eval-every", "0")
+    result, stdout = train(
+        tmp_path, "--threads", "2", "--device", "cpu-alt", "--epochs", "1", "--max-steps", "1", "--eval-every", "0"
+    )
     assert result["threads_per_rank"] == 1 and "1 thread(s) per rank" in stdout

@@ -8,13 +8,32 @@ import pytest
 
 from training.launch import JOB_ENV, JobError, Topology, first_failure, job_processes, run_job
 
-SMALL = ["--device", "cpu", "--train-limit", "16", "--val-limit", "8", "--batch-size", "2", "--eval-every", "0", "--threads", "1"]
+SMALL = [
+    "--device",
+    "cpu",
+    "--train-limit",
+    "16",
+    "--val-limit",
+    "8",
+    "--batch-size",
+    "2",
+    "--eval-every",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def job(tmp_path, topology, *extra, timeout=240.0):
     lines = []
     out = tmp_path / "out"
-    wall = run_job(Topology.parse(topology), [*SMALL, "--output-dir", str(out), *extra], tmp_path / "logs", timeout, on_line=lines.append)
+    wall = run_job(
+        Topology.parse(topology),
+        [*SMALL, "--output-dir", str(out), *extra],
+        tmp_path / "logs",
+        timeout,
+        on_line=lines.append,
+    )
     return wall, json.loads((out / "result.json").read_text()), lines
 
 
@@ -61,7 +80,9 @@ def test_a_crashed_rank_fails_the_job_quickly_with_its_error(tmp_path):
 def test_a_nan_loss_stops_the_job_naming_the_step_and_terms(tmp_path):
     with pytest.raises(JobError) as info:
         job(tmp_path, "1x2", "--max-steps", "50", "--fail-at", "0:2:nan")
-    assert "NonFiniteLossError" in str(info.value) and "step 2" in str(info.value) and "loss_giou=nan" in str(info.value)
+    assert (
+        "NonFiniteLossError" in str(info.value) and "step 2" in str(info.value) and "loss_giou=nan" in str(info.value)
+    )
     assert no_job_left()
 
 
@@ -116,7 +137,15 @@ def test_a_job_past_its_timeout_is_stopped(tmp_path):
 
 
 def test_first_failure_prefers_the_root_cause():
-    lines = ["noise", "RuntimeError: secondary", "Root Cause (first observed failure):", "[0]:", "  rank      : 1", "  error: boom", "=" * 10]
+    lines = [
+        "noise",
+        "RuntimeError: secondary",
+        "Root Cause (first observed failure):",
+        "[0]:",
+        "  rank      : 1",
+        "  error: boom",
+        "=" * 10,
+    ]
     text = first_failure(lines)
     assert "rank      : 1" in text and "RuntimeError: secondary" in text
 

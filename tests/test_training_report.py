@@ -7,18 +7,45 @@ import torch
 from training import environment
 from training.report import JSON_NAME, MD_NAME, load_rows, merge_rows, render_markdown, write_report
 
-ENV = {"hardware": "Test CPU, 2 logical cores, 24.0 GiB memory", "accelerator": {"name": "Acme X1", "count": 8, "memory_gib": 32.0},
-       "interconnect": "unknown", "os": "Linux", "kernel": "6.1", "driver": "acme 1.2", "python": "3.11",
-       "framework": "PyTorch 2.14.1", "plugins": {"torch_acme": "0.3"}, "dependencies": {"numpy": "2.0"}}
+ENV = {
+    "hardware": "Test CPU, 2 logical cores, 24.0 GiB memory",
+    "accelerator": {"name": "Acme X1", "count": 8, "memory_gib": 32.0},
+    "interconnect": "unknown",
+    "os": "Linux",
+    "kernel": "6.1",
+    "driver": "acme 1.2",
+    "python": "3.11",
+    "framework": "PyTorch 2.14.1",
+    "plugins": {"torch_acme": "0.3"},
+    "dependencies": {"numpy": "2.0"},
+}
 
 
 def row(config="1x1", device="cpu", precision="fp32", **changes):
-    r = {"config": config, "world_size": int(config[0]) * int(config[2]), "device": device, "device_name": device.upper(),
-         "precision": precision, "model": "tiny", "dataset": "synthetic",
-         "fix_hp": {"batch_size_per_device": 8, "lr": 0.0002, "max_steps": None},
-         "e2e_time": 512.3, "p_whole": 20.5, "p_train": 22.25, "p_core": 30.125, "mAP": 0.2612, "best_mAP": 0.2701,
-         "target_mAP": 0.25, "time_to_target": 480.2, "steps_to_target": 1400, "mem_actual_gib": 1.23, "mem_total_gib": 24.0,
-         "verdict": {"text": "PASS: device 0.26 vs reference 0.27"}, "plot": "curve_cpu_1x1_fp32.png", "reference": "the CPU"}
+    r = {
+        "config": config,
+        "world_size": int(config[0]) * int(config[2]),
+        "device": device,
+        "device_name": device.upper(),
+        "precision": precision,
+        "model": "tiny",
+        "dataset": "synthetic",
+        "fix_hp": {"batch_size_per_device": 8, "lr": 0.0002, "max_steps": None},
+        "e2e_time": 512.3,
+        "p_whole": 20.5,
+        "p_train": 22.25,
+        "p_core": 30.125,
+        "mAP": 0.2612,
+        "best_mAP": 0.2701,
+        "target_mAP": 0.25,
+        "time_to_target": 480.2,
+        "steps_to_target": 1400,
+        "mem_actual_gib": 1.23,
+        "mem_total_gib": 24.0,
+        "verdict": {"text": "PASS: device 0.26 vs reference 0.27"},
+        "plot": "curve_cpu_1x1_fp32.png",
+        "reference": "the CPU",
+    }
     r.update(changes)
     return r
 
@@ -28,7 +55,11 @@ def test_a_new_run_replaces_its_own_row_and_keeps_the_others():
     rows = merge_rows(rows, row("1x1"))
     rows = merge_rows(rows, row("2x8", mAP=0.2))
     rows = merge_rows(rows, row("1x1", precision="amp"))
-    assert [(r["config"], r["precision"], r["mAP"]) for r in rows] == [("1x1", "amp", 0.2612), ("1x1", "fp32", 0.2612), ("2x8", "fp32", 0.2)]
+    assert [(r["config"], r["precision"], r["mAP"]) for r in rows] == [
+        ("1x1", "amp", 0.2612),
+        ("1x1", "fp32", 0.2612),
+        ("2x8", "fp32", 0.2),
+    ]
 
 
 def test_markdown_has_the_vendor_page_sections_and_one_row_per_configuration():
@@ -38,8 +69,15 @@ def test_markdown_has_the_vendor_page_sections_and_one_row_per_configuration():
     for fact in ("Acme X1 x 8, 32.0 GiB", "acme 1.2", "torch_acme 0.3", "numpy 2.0", "kernel: 6.1", "PyTorch 2.14.1"):
         assert fact in text
     assert "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | mAP | target | mem |" in text
-    assert "| CPU 1x1 | fp32 | bs=8, lr=0.0002 | 512 | 20.50 | 22.25 | 30.12 | 0.2612 (best 0.2701) | 0.25 in 480 s / 1400 steps | 1.2/24.0 |" in text
-    assert "| CPU 1x8 | fp32 | bs=8, lr=0.0002 | 512 | 20.50 | 22.25 | 30.12 | / | no target (bounded run) | 1.2/24.0 |" in text
+    assert (
+        "| CPU 1x1 | fp32 | bs=8, lr=0.0002 | 512 | 20.50 | 22.25 | 30.12 | 0.2612 (best 0.2701) "
+        "| 0.25 in 480 s / 1400 steps | 1.2/24.0 |"
+        in text
+    )
+    assert (
+        "| CPU 1x8 | fp32 | bs=8, lr=0.0002 | 512 | 20.50 | 22.25 | 30.12 | / | no target (bounded run) | 1.2/24.0 |"
+        in text
+    )
     assert "PASS: device 0.26 vs reference 0.27" in text and "![curve](curve_cpu_1x1_fp32.png)" in text
 
 

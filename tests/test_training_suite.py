@@ -23,8 +23,13 @@ def test_training_runs_write_merged_reports(tmp_path):
     assert bounded.returncode == 0, bounded.stdout[-3000:]
     assert "[cpu 1x8 fp32 seed 42] epoch 0 step 1/8" in bounded.stdout  # progress while it runs
     assert "DETR training (FlagPerf metrics)" in bounded.stdout and "| CPU 1x8 | fp32 | bs=2" in bounded.stdout
-    assert "cpu 1x8: convergence not judged: a bounded multi-rank run on the CPU makes no convergence claim" in bounded.stdout
-    assert re.search(r"cpu 1x8: DDP equivalence over steps \[0, 1\] PASS, worst gradient margin 0\.\d+", bounded.stdout), bounded.stdout[-2000:]
+    assert (
+        "cpu 1x8: convergence not judged: a bounded multi-rank run on the CPU makes no convergence claim"
+        in bounded.stdout
+    )
+    assert re.search(
+        r"cpu 1x8: DDP equivalence over steps \[0, 1\] PASS, worst gradient margin 0\.\d+", bounded.stdout
+    ), bounded.stdout[-2000:]
 
     short = suite("-m", "training and 1x1", "--train-max-steps=2", report_dir=reports)
     assert short.returncode == 1
@@ -59,11 +64,31 @@ def test_a_wrong_gradient_all_reduce_fails_ddp_equivalence(tmp_path, topology, f
 def test_a_1x1_run_of_the_unchanged_recipe_is_judged_against_the_shipped_seeds(tmp_path):
     """No --train-arg: the shipped curves apply, and the CPU is judged by them like any other device
     (here up to the first evaluation, at step 128, where a target of 0.01 stops the run)."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "--xpu", "cpu", "-p", "no:cacheprovider", "-m", "training and 1x1",
-                           "--target-map=0.01", f"--report-dir={tmp_path / 'reports'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--xpu",
+            "cpu",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "training and 1x1",
+            "--target-map=0.01",
+            f"--report-dir={tmp_path / 'reports'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
-    assert re.search(r"cpu 1x1: convergence PASS: device 0\.\d+ vs reference 0\.\d+ \(tolerance 0\.000, the mean of 1 run\(s\) against "
-                     r"\d+ reference seeds at the same trained samples \(up to 1024\)", done.stdout), done.stdout[-3000:]
+    assert re.search(
+        r"cpu 1x1: convergence PASS: device 0\.\d+ vs reference 0\.\d+ \(tolerance 0\.000, "
+        r"the mean of 1 run\(s\) against "
+        r"\d+ reference seeds at the same trained samples \(up to 1024\)",
+        done.stdout,
+    ), done.stdout[-3000:]
     (row,) = json.loads((tmp_path / "reports" / "training_report.json").read_text())["rows"]
     assert "CPU fp32 seeds shipped with the suite" in row["reference"] and len(row["curves"]["reference"]) >= 5

@@ -15,8 +15,25 @@ SINE = "suite/test_position_encoding.py::test_sine_position_encoding[fp32]"
 
 
 def run(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--model-config", "tiny",
-                           f"--report-dir={tmp_path}", SINE, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--model-config",
+            "tiny",
+            f"--report-dir={tmp_path}",
+            SINE,
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_plugin_device_runs_and_its_ulp_table_judges(tmp_path):
@@ -37,8 +54,15 @@ def test_an_unknown_device_still_names_the_registered_ones(tmp_path):
     assert done.returncode == 4 and "cpu-1thread" in done.stderr, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("call", [lambda m: m.set_ulp_budget("exp", -1, "why"), lambda m: m.set_ulp_budget("exp", 2, ""),
-                                  lambda m: m.scale("aten.mm", 0, "why"), lambda m: m.scale("aten.mm", float("nan"), "why")])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.set_ulp_budget("exp", -1, "why"),
+        lambda m: m.set_ulp_budget("exp", 2, ""),
+        lambda m: m.scale("aten.mm", 0, "why"),
+        lambda m: m.scale("aten.mm", float("nan"), "why"),
+    ],
+)
 def test_bad_adjustments_are_refused(call):
     with pytest.raises(ValueError):
         call(ErrorModel())

@@ -1,1 +1,3 @@
-"""Distributed training jobs under torchrun, FlagPerf metrics, the training report and the convergence verdict. Knows nothing of pytest."""
+"""The trainer (``python -m training.train``), its DDP equivalence check and injected faults,
+distributed jobs under torchrun, FlagPerf metrics, the training report and the convergence verdict.
+Imports detr and runtime; knows nothing of pytest."""

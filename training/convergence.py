@@ -33,7 +33,8 @@ class Verdict:
 
     def text(self) -> str:
         word = "PASS" if self.passed else "FAIL"
-        detail = f"device {self.device_final:.4f} vs reference {self.reference_final:.4f} (tolerance {self.tolerance:.3f}, {self.method}"
+        detail = (f"device {self.device_final:.4f} vs reference {self.reference_final:.4f} "
+                  f"(tolerance {self.tolerance:.3f}, {self.method}")
         if self.p_value is not None:
             detail += f", p={self.p_value:.3g}"
         return f"{word}: {detail})" + (f"; {self.note}" if self.note else "")
@@ -124,7 +125,11 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
     if not runs or any(last(c) < 0 for c in runs):
         raise ValueError("every device run needs at least one evaluation")
     shortest = min(last(c) for c in runs)
-    samples = [float(p["samples"]) for p in runs[0] if p.get("mAP") is not None and float(p["samples"]) <= min(horizon, shortest)]
+    samples = [
+        float(p["samples"])
+        for p in runs[0]
+        if p.get("mAP") is not None and float(p["samples"]) <= min(horizon, shortest)
+    ]
     if not samples:
         raise ValueError("no evaluation of the device lies within the reference curves' trained samples")
     m = len(runs)
@@ -139,8 +144,10 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
         excess = abs(device[k] - mean) - half
         shown.append(f"{name} {device[k]:.4f} vs {mean:.4f} +- {half:.4f}")
         worst = excess if worst is None else max(worst, excess)
-    method = (f"the mean of {m} run(s) against {n} reference seeds at the same trained samples (up to {samples[-1]:.0f}), "
-              f"prediction intervals, false-positive rate {false_positive_rate:g}: " + "; ".join(shown))
+    method = (
+        f"the mean of {m} run(s) against {n} reference seeds at the same trained samples (up to {samples[-1]:.0f}), "
+        f"prediction intervals, false-positive rate {false_positive_rate:g}: " + "; ".join(shown)
+    )
     final_reference = sum(r[0] for r in reference) / n
     return Verdict(worst <= 1e-9, device[0], final_reference, tolerance, method)  # 1e-9: rounding of the mean
 
@@ -148,7 +155,9 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
 def judge_target(device_curves: Sequence[Curve], target: float, tolerance: float, source: str) -> Verdict:
     """The best mAP of every device run against a published target, within ``tolerance``."""
     best = min(max(p["mAP"] for p in c if p.get("mAP") is not None) for c in device_curves)
-    return Verdict(best >= target - tolerance, best, target, tolerance, f"best mAP against the published target ({source})")
+    return Verdict(
+        best >= target - tolerance, best, target, tolerance, f"best mAP against the published target ({source})"
+    )
 
 
 def save_curves(path: Path, curves: Sequence[Curve], meta: Dict[str, Any]) -> None:
@@ -170,10 +179,17 @@ def read_curve_file(path: Path) -> Tuple[List[Curve], Dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"reference curve file {path} is not valid JSON: {exc}") from None
     curves = data.get("curves") if isinstance(data, dict) else None
-    if not isinstance(curves, list) or not curves or not all(
-        isinstance(c, list) and c and all(isinstance(p, dict) and "samples" in p and "mAP" in p for p in c) for c in curves
+    if (
+        not isinstance(curves, list)
+        or not curves
+        or not all(
+            isinstance(c, list) and c and all(isinstance(p, dict) and "samples" in p and "mAP" in p for p in c)
+            for c in curves
+        )
     ):
-        raise ValueError(f"reference curve file {path}: expected {{\"curves\": [[{{\"samples\": N, \"mAP\": x}}, ...], ...]}}")
+        raise ValueError(
+            f'reference curve file {path}: expected {{"curves": [[{{"samples": N, "mAP": x}}, ...], ...]}}'
+        )
     return curves, data.get("meta") or {}
 
 

@@ -167,7 +167,10 @@ class DDPEquivalence:
         worst = {"grad_margin": 0.0, "param_margin": 0.0}
         found: Dict[str, Any] = {}
         for rank in range(self.world_size):
-            for what, got, want, tol in (("gradient", grads[rank], mean, grad_tol), ("parameter", params[rank], after, param_tol)):
+            for what, got, want, tol in (
+                ("gradient", grads[rank], mean, grad_tol),
+                ("parameter", params[rank], after, param_tol),
+            ):
                 ratio = (got.double() - want).abs() / tol
                 at = int(ratio.argmax())
                 margin = float(ratio[at])

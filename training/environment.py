@@ -15,7 +15,17 @@ import torch
 from runtime.device import Device, cpu_model
 
 UNKNOWN = "unknown"
-DEPENDENCIES = ("torchvision", "numpy", "scipy", "pycocotools", "pillow", "matplotlib", "pytest", "pytest-benchmark", "hypothesis")
+DEPENDENCIES = (
+    "torchvision",
+    "numpy",
+    "scipy",
+    "pycocotools",
+    "pillow",
+    "matplotlib",
+    "pytest",
+    "pytest-benchmark",
+    "hypothesis",
+)
 
 
 def _read(path: str) -> Optional[str]:
@@ -47,7 +57,11 @@ def driver(xpu: Device) -> str:
 
 def accelerator(xpu: Device) -> Dict[str, object]:
     info: Dict[str, object] = {"name": UNKNOWN, "count": None, "memory_gib": None}
-    for key, read in (("name", xpu.name), ("count", xpu.count), ("memory_gib", lambda: round(xpu.total_memory() / 2**30, 1))):
+    for key, read in (
+        ("name", xpu.name),
+        ("count", xpu.count),
+        ("memory_gib", lambda: round(xpu.total_memory() / 2**30, 1)),
+    ):
         try:
             info[key] = read()
         except Exception:  # a vendor's backend without the call
@@ -71,7 +85,9 @@ def versions(names: Iterable[str]) -> Dict[str, str]:
     return out
 
 
-def describe(device: torch.device, plugins: Iterable[str] = (), interconnect: Optional[str] = None) -> Dict[str, object]:
+def describe(
+    device: torch.device, plugins: Iterable[str] = (), interconnect: Optional[str] = None
+) -> Dict[str, object]:
     """The environment block of the report, for the device under test."""
     xpu = Device(device)
     plugin_versions = {}

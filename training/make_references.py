@@ -42,8 +42,23 @@ def first_reaching(curve, target: float) -> Optional[dict]:
 
 def run_seed(seed: int, threads: int, max_steps: Optional[int], work: Path, target: float) -> dict:
     out = work / f"seed{seed}"
-    command = [sys.executable, "-m", "training.train", "--device", "cpu", "--precision", "fp32", "--seed", str(seed),
-               "--threads", str(threads)] + (["--max-steps", str(max_steps)] if max_steps else []) + ["--output-dir", str(out)]
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--seed",
+            str(seed),
+            "--threads",
+            str(threads),
+        ]
+        + (["--max-steps", str(max_steps)] if max_steps else [])
+        + ["--output-dir", str(out)]
+    )
     subprocess.run(command, check=True)
     result = json.loads((out / "result.json").read_text())
     shown = ["python", "-m", "training.train", *command[3:-2]]
@@ -59,10 +74,15 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45, 46])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (default: the whole recipe)")
-    p.add_argument("--target", type=float, default=0.40, help="record when each seed first reaches this mAP (default 0.40)")
+    p.add_argument(
+        "--target", type=float, default=0.40, help="record when each seed first reaches this mAP (default 0.40)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT)
-    p.add_argument("--append", action="store_true",
-                   help="add the seeds to --out, which must hold this recipe's curves (more seeds narrow the verdict's intervals)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the seeds to --out, which must hold this recipe's curves (more seeds narrow the verdict's intervals)",
+    )
     args = p.parse_args(argv)
     runs = existing_runs(args.out, args.seeds, args.max_steps) if args.append else []
     with tempfile.TemporaryDirectory() as work:

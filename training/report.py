@@ -26,7 +26,11 @@ GENERAL_METRICS = (
     ("end-to-end time", "e2e_time, see performance", "launch to the last process exit, initialisation included, s"),
     ("whole throughput", "p_whole, see performance", "trained images / (training + evaluation time), all ranks"),
     ("training throughput", "p_train, see performance", "as p_whole without the evaluation time"),
-    ("**core throughput**", "**p_core, see performance**", "forward + loss + backward + step only, device synchronised (p_core > p_train > p_whole)"),
+    (
+        "**core throughput**",
+        "**p_core, see performance**",
+        "forward + loss + backward + step only, device synchronised (p_core > p_train > p_whole)",
+    ),
     ("result", "mAP, see performance", "COCO AP@[.5:.95]: final (best)"),
 )
 
@@ -38,7 +42,15 @@ def row_key(row: Dict[str, Any]) -> Tuple:
 def merge_rows(existing: Sequence[Dict[str, Any]], new: Dict[str, Any]) -> List[Dict[str, Any]]:
     """``existing`` with ``new`` replacing the row of the same configuration/device/precision/model/dataset."""
     rows = [r for r in existing if row_key(r) != row_key(new)] + [new]
-    return sorted(rows, key=lambda r: (str(r.get("device")), str(r.get("precision")), CONFIG_ORDER.get(r.get("config"), 99), str(r.get("config"))))
+    return sorted(
+        rows,
+        key=lambda r: (
+            str(r.get("device")),
+            str(r.get("precision")),
+            CONFIG_ORDER.get(r.get("config"), 99),
+            str(r.get("config")),
+        ),
+    )
 
 
 def load_rows(path: Path) -> List[Dict[str, Any]]:
@@ -85,11 +97,21 @@ PERF_HEADER = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train"
 
 
 def performance_rows(rows: Sequence[Dict[str, Any]]) -> List[List[str]]:
-    return [[
-        f"{r.get('device_name', r.get('device'))} {r['config']}", str(r.get("precision")), fix_hp_text(r.get("fix_hp") or {}),
-        _fmt(r.get("e2e_time"), 0), _fmt(r.get("p_whole")), _fmt(r.get("p_train")), _fmt(r.get("p_core")),
-        map_text(r), target_text(r), mem_text(r),
-    ] for r in rows]
+    return [
+        [
+            f"{r.get('device_name', r.get('device'))} {r['config']}",
+            str(r.get("precision")),
+            fix_hp_text(r.get("fix_hp") or {}),
+            _fmt(r.get("e2e_time"), 0),
+            _fmt(r.get("p_whole")),
+            _fmt(r.get("p_train")),
+            _fmt(r.get("p_core")),
+            map_text(r),
+            target_text(r),
+            mem_text(r),
+        ]
+        for r in rows
+    ]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -123,25 +145,37 @@ def render_markdown(rows: Sequence[Dict[str, Any]], environment: Dict[str, Any])
         "",
         "## General metrics",
         "",
-        table(("metric", "value", "note"), [
-            (name, value.format(model=first.get("model", "/"), dataset=first.get("dataset", "/"),
-                                precision=", ".join(sorted({str(r.get('precision')) for r in rows})) or "/",
-                                device_name=first.get("device_name", first.get("device", "/"))), note)
-            for name, value, note in GENERAL_METRICS
-        ]),
+        table(
+            ("metric", "value", "note"),
+            [
+                (
+                    name,
+                    value.format(
+                        model=first.get("model", "/"),
+                        dataset=first.get("dataset", "/"),
+                        precision=", ".join(sorted({str(r.get("precision")) for r in rows})) or "/",
+                        device_name=first.get("device_name", first.get("device", "/")),
+                    ),
+                    note,
+                )
+                for name, value, note in GENERAL_METRICS
+            ],
+        ),
         "",
         "## Performance",
         "",
         table(PERF_HEADER, performance_rows(rows)),
         "",
-        "Throughputs in images/s over all ranks; e2e_time in seconds; mem in GiB (on the CPU: peak resident size of a rank / host memory).",
+        "Throughputs in images/s over all ranks; e2e_time in seconds; mem in GiB (on the CPU: peak resident size "
+        "of a rank / host memory).",
         "",
         "## Convergence against the reference",
         "",
     ]
     for r in rows:
         verdict = r.get("verdict") or {}
-        line = f"- {r.get('device_name', r.get('device'))} {r['config']} {r.get('precision')}: {verdict.get('text', 'no reference')}"
+        name = f"{r.get('device_name', r.get('device'))} {r['config']} {r.get('precision')}"
+        line = f"- {name}: {verdict.get('text', 'no reference')}"
         if r.get("reference"):
             line += f"; reference: {r['reference']}"
         if r.get("plot"):
@@ -150,14 +184,19 @@ def render_markdown(rows: Sequence[Dict[str, Any]], environment: Dict[str, Any])
         ddp = r.get("ddp_equivalence") or {}
         if ddp.get("checked_steps"):
             worst = ddp.get("worst") or {}
-            out.append(f"  - DDP equivalence over steps {ddp['checked_steps']}: {'pass' if ddp['passed'] else '**FAIL**'}, "
-                       f"worst gradient margin {ddp['worst_grad_margin']:.3g}, parameter margin {ddp['worst_param_margin']:.3g} "
-                       f"({worst.get('what')} of {worst.get('tensor')} on rank {worst.get('rank')})")
+            out.append(
+                f"  - DDP equivalence over steps {ddp['checked_steps']}: {'pass' if ddp['passed'] else '**FAIL**'}, "
+                f"worst gradient margin {ddp['worst_grad_margin']:.3g}, "
+                f"parameter margin {ddp['worst_param_margin']:.3g} "
+                f"({worst.get('what')} of {worst.get('tensor')} on rank {worst.get('rank')})"
+            )
     out.append("")
     return "\n".join(out)
 
 
-def write_report(report_dir: Path, row: Dict[str, Any], environment: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+def write_report(
+    report_dir: Path, row: Dict[str, Any], environment: Dict[str, Any]
+) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """Merges ``row`` into the report under ``report_dir`` and rewrites JSON and Markdown; returns
     the rows and a warning when an unreadable earlier report had to be set aside."""
     report_dir.mkdir(parents=True, exist_ok=True)

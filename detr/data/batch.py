@@ -37,7 +37,9 @@ def coco_parity_batch(coco_path, num_classes: int, num_images: int = PARITY_IMAG
     dataset = build_dataset("val", coco_path, val_size=PARITY_SIZE[0], max_size=PARITY_SIZE[1])
     too_large = sorted(c for c in dataset.coco.cats if not 0 <= c < num_classes)
     if too_large:
-        raise DatasetError(f"{dataset.ann_file}: category ids {too_large[:5]} are outside the model's 0..{num_classes - 1}")
+        raise DatasetError(
+            f"{dataset.ann_file}: category ids {too_large[:5]} are outside the model's 0..{num_classes - 1}"
+        )
     chosen = []
     for index, image_id in enumerate(dataset.ids):
         if len(chosen) == num_images:

@@ -53,7 +53,9 @@ def load_coco_json(ann_file: PathLike) -> COCO:
         raise DatasetError(f"annotation file {ann_file}: expected a JSON object, got {type(data).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise DatasetError(f"annotation file {ann_file} lacks the key(s) {missing}; a COCO file needs {list(REQUIRED_KEYS)}")
+        raise DatasetError(
+            f"annotation file {ann_file} lacks the key(s) {missing}; a COCO file needs {list(REQUIRED_KEYS)}"
+        )
     for key in REQUIRED_KEYS:
         if not isinstance(data[key], list):
             raise DatasetError(f"annotation file {ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
@@ -67,9 +69,15 @@ def load_coco_json(ann_file: PathLike) -> COCO:
 
 
 def _check_fields(ann_file: Path, data: Dict[str, Any]) -> None:
-    needed = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id", "bbox"), "categories": ("id",)}
+    needed = {
+        "images": ("id", "file_name"),
+        "annotations": ("id", "image_id", "category_id", "bbox"),
+        "categories": ("id",),
+    }
     for key, fields in needed.items():
-        bad = [i for i, entry in enumerate(data[key]) if not isinstance(entry, dict) or any(f not in entry for f in fields)]
+        bad = [
+            i for i, entry in enumerate(data[key]) if not isinstance(entry, dict) or any(f not in entry for f in fields)
+        ]
         if bad:
             raise DatasetError(
                 f"annotation file {ann_file}: {len(bad)} entries of {key!r} lack one of {list(fields)} "
@@ -77,7 +85,10 @@ def _check_fields(ann_file: Path, data: Dict[str, Any]) -> None:
             )
     bad = [a["id"] for a in data["annotations"] if not _is_xywh(a["bbox"])]
     if bad:
-        raise DatasetError(f"annotation file {ann_file}: {len(bad)} annotations have a bbox that is not [x, y, w, h] (ids {_examples(bad)})")
+        raise DatasetError(
+            f"annotation file {ann_file}: {len(bad)} annotations have a bbox that is not [x, y, w, h] "
+            f"(ids {_examples(bad)})"
+        )
 
 
 def _is_xywh(bbox: Any) -> bool:
@@ -165,7 +176,8 @@ class CocoDetection(Dataset):
         self.dropped_boxes, images = count_degenerate(self.coco.dataset)
         if self.dropped_boxes:
             warnings.warn(
-                f"{self.ann_file.name}: dropped {self.dropped_boxes} degenerate boxes (w <= 0 or h <= 0) in {images} images",
+                f"{self.ann_file.name}: dropped {self.dropped_boxes} degenerate boxes (w <= 0 or h <= 0) "
+                f"in {images} images",
                 DegenerateBoxWarning,
                 stacklevel=2,
             )

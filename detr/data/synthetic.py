@@ -36,7 +36,8 @@ PALETTE = ((230, 40, 40), (40, 200, 40), (40, 80, 230), (230, 210, 30), (30, 210
 
 
 def _background(rng: np.random.Generator, w: int, h: int, grey: bool = False) -> np.ndarray:
-    """[h, w, 3] uint8: plain colour, linear gradient between two colours, or colour plus noise (greys only if ``grey``)."""
+    """[h, w, 3] uint8: plain colour, linear gradient between two colours, or colour plus noise (greys only
+    if ``grey``)."""
     kind = int(rng.integers(3))
     c0 = rng.integers(0, 256, 3).astype(np.float32)
     if grey:

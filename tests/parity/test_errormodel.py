@@ -151,3 +151,8 @@ def test_allowance_names_its_component():
     assert not verdict.passed and "(reduction)" in verdict.verdict
     verdict = judged(torch.exp, x, device_fn=lambda t: t * (1 + 1e-3))
     assert not verdict.passed and ("(ulp budget)" in verdict.verdict or "(baseline)" in verdict.verdict)
+
+
+def test_an_unknown_math_library_is_an_error_not_the_default_table():
+    with pytest.raises(ValueError, match="no documented ULP table for the math library 'mkl'; known: cuda, default"):
+        ErrorModel("mkl")

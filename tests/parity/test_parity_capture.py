@@ -53,7 +53,9 @@ def test_without_the_autograd_node_no_backward_op_is_called_forward(monkeypatch)
     where = {(r.overload, r.phase): r.module for r in trace}
     assert where[("aten.convolution.default", "forward")] == "conv"
     assert where[("aten.convolution_backward.default", UNKNOWN_PHASE)] == "(outside)"
-    assert not trace.phase("backward") and not [r for r in trace.find("aten.threshold_backward") if r.phase == "forward"]
+    assert not trace.phase("backward") and not [
+        r for r in trace.find("aten.threshold_backward") if r.phase == "forward"
+    ]
 
 
 def test_records_hold_cpu_copies_of_inputs_and_outputs():
@@ -65,7 +67,10 @@ def test_records_hold_cpu_copies_of_inputs_and_outputs():
     assert conv.args[1] is not model.conv.weight and conv.args[1].device.type == "cpu"
     ln = trace.find("aten.native_layer_norm")[0]
     assert len(ln.outputs) == 3 and [m.shape for m in ln.output_meta] == [(2, 25, 8), (2, 25, 1), (2, 25, 1)]
-    assert ln.shapes == "[2,25,8] float32, [8] float32, [8] float32 -> [2,25,8] float32, [2,25,1] float32, [2,25,1] float32"
+    assert (
+        ln.shapes
+        == "[2,25,8] float32, [8] float32, [8] float32 -> [2,25,8] float32, [2,25,1] float32, [2,25,1] float32"
+    )
 
 
 def test_keep_modes_bound_memory():
@@ -172,7 +177,9 @@ def test_a_spilled_trace_holds_no_tensors_and_reads_back_the_same_values_and_str
                 assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.bool]
+)
 def test_the_store_gives_back_every_layout_and_dtype_unchanged_by_later_writes(dtype):
     from parity.spill import TensorStore
 

@@ -49,7 +49,9 @@ def test_selected_values_of_index_outputs():
     x = torch.tensor([[1.0, 3.0, 3.0], [2.0, 0.0, 1.0]])
     assert selected_values(torch.ops.aten.argmax.default, (x, 1), {}, torch.tensor([2, 0])).tolist() == [3.0, 2.0]
     assert selected_values(torch.ops.aten.argmax.default, (x,), {}, torch.tensor(1)).item() == 3.0
-    assert selected_values(torch.ops.aten.max.dim, (x, 0, True), {}, torch.tensor([[1, 0, 0]])).tolist() == [[2.0, 3.0, 3.0]]
+    assert selected_values(torch.ops.aten.max.dim, (x, 0, True), {}, torch.tensor([[1, 0, 0]])).tolist() == [
+        [2.0, 3.0, 3.0]
+    ]
     assert selected_values(torch.ops.aten.topk.default, (x, 2), {}, torch.tensor([[2, 1], [0, 2]])).tolist() == \
         [[3.0, 3.0], [2.0, 1.0]]
     assert selected_values(torch.ops.aten.sort.stable, (x,), {"stable": True, "dim": 0},
