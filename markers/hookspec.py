@@ -25,8 +25,10 @@ def pytest_detr_register_devices(register) -> None:
 
     ``register(name, backend)`` is :func:`runtime.device.register_backend`: ``backend`` is a
     :class:`runtime.device.Backend` (synchronise, memory, seed, autocast dtype, TF32 switches,
-    process-group backend, versions). A ``name`` equal to the backend's device type replaces the
-    suite's entry for that type; another name adds a variant that ``--xpu name`` selects.
+    process-group backend, versions). A ``name`` equal to the backend's device type adds that type;
+    another name adds a variant that ``--xpu name`` selects. A name registered already (the suite's
+    ``cpu``, ``cpu-alt``, ``cuda``, ..., or another plugin's) needs ``register(name, backend,
+    replace=True)``, and the report header says what was replaced.
     """
 
 

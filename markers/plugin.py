@@ -16,7 +16,7 @@ from markers.state import STATE, SuiteState, state, state_or_none
 from parity.faults import parse_faults
 from parity.report import summary_lines, write_report
 from runtime import compat
-from runtime.device import DeviceError, import_plugins, register_backend, resolve
+from runtime.device import REPLACED, DeviceError, import_plugins, register_backend, resolve
 from runtime.precision import PRECISIONS, parse_precision_names
 from training import report as training_report
 
@@ -125,10 +125,23 @@ def device_under_test(config: pytest.Config):
     """``--xpu`` resolved, after the ``--xpu-plugin`` modules and the vendor hooks' devices."""
     try:
         import_plugins(config.getoption("--xpu-plugin"))
-        config.hook.pytest_detr_register_devices(register=register_backend)
+        register_devices(config)
         return resolve(config.getoption("--xpu"))
     except DeviceError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def register_devices(config: pytest.Config) -> None:
+    """Calls each plugin's ``pytest_detr_register_devices``; one that raises is a usage error that
+    names the plugin and the hook."""
+    for impl in reversed(config.hook.pytest_detr_register_devices.get_hookimpls()):
+        try:
+            impl.function(register=register_backend)
+        except DeviceError as exc:
+            raise pytest.UsageError(f"pytest_detr_register_devices in {impl.plugin_name}: {exc}") from None
+        except Exception as exc:
+            raise pytest.UsageError(f"pytest_detr_register_devices in {impl.plugin_name} raised "
+                                    f"{type(exc).__name__}: {exc}") from None
 
 
 def load_expectations(config: pytest.Config) -> Optional[Expectations]:
@@ -193,8 +206,9 @@ def pytest_report_header(config: pytest.Config):
     st = state(config)
     bench = st.bench
     kind = "CPU defaults" if not st.xpu.accelerator else "FlagPerf fix_hp defaults"
+    replaced = "".join(f"; a plugin replaced the suite's {name!r} ({old})" for name, old in REPLACED.items())
     return [f"device under test: {st.xpu.label} (--xpu {config.getoption('--xpu')}); "
-            f"precision: {','.join(st.precisions)}; model: {st.model_config}",
+            f"precision: {','.join(st.precisions)}; model: {st.model_config}{replaced}",
             f"benchmarks: batch {','.join(map(str, bench.batch_sizes))}, {bench.image_size} px short side, "
             f"{bench.warmup} warm-up steps ({kind} unless set); storage {config.getoption('benchmark_storage', None)}"]
 

@@ -384,9 +384,9 @@ def _budget(function: str, c: OpContext) -> float:
 
 class ErrorModel:
     """Allowances for a device whose elementwise functions come from ``math_library`` (``cuda``: the
-    CUDA Math API's budgets; ``default``: the larger of CUDA's and OpenCL's). Vendors adjust it per op through :meth:`set_ulp_budget`
-    and :meth:`scale` (the ``pytest_detr_adjust_error_model`` hook); every adjustment is listed in
-    ``adjustments`` and reported. Stateless apart from that; safe to share."""
+    CUDA Math API's budgets; ``default``: the larger of CUDA's and OpenCL's). Vendors adjust it per
+    op through :meth:`set_ulp_budget` and :meth:`scale` (the ``pytest_detr_adjust_error_model``
+    hook); every adjustment is listed in ``adjustments`` and reported. Stateless apart from that; safe to share."""
 
     def __init__(self, math_library: str = "default"):
         if math_library not in ULP_BUDGETS:
@@ -404,6 +404,10 @@ class ErrorModel:
             raise ValueError(
                 f"set_ulp_budget({function!r}, {ulps!r}): expected a finite number of ulps >= 0 and a reason"
             )
+        known = sorted({f for table in ULP_BUDGETS.values() for f in table})
+        if function not in known:
+            raise ValueError(f"set_ulp_budget({function!r}, ...): not an elementwise function of the ULP tables; "
+                             f"known: {', '.join(known)}")
         self.adjustments.append(f"ulp budget of {function}: {self.budgets.get(function, 0.0):g} -> {ulps:g} ({reason})")
         self.budgets[function] = float(ulps)
 
@@ -412,7 +416,10 @@ class ErrorModel:
         above 1 widens it, below 1 tightens it."""
         if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)) or not reason:
             raise ValueError(f"scale({op!r}, {factor!r}): expected a finite factor > 0 and a reason")
-        name = op.split(".")[1] if op.startswith("aten.") else op
+        name = op.split(".")[1] if op.startswith("aten.") and op.count(".") >= 1 else op
+        if not isinstance(op, str) or not name.isidentifier() or not hasattr(torch.ops.aten, name):
+            raise ValueError(f"scale({op!r}, ...): expected an aten op such as 'aten.bmm' (no patterns); "
+                             f"torch has no aten.{name}")
         self.factors[name] = self.factors.get(name, 1.0) * factor
         self.adjustments.append(f"allowance of aten.{name} x{factor:g} ({reason})")
 

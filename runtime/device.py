@@ -335,9 +335,27 @@ BACKENDS: Dict[str, Backend] = {
 }
 
 
-def register_backend(name: str, backend: Backend) -> None:
-    """Adds (or replaces) the backend of device type ``name``; a ``name`` other than the backend's
-    type makes it a variant that ``--xpu name`` selects, like ``cpu-alt``."""
+# What a registration replaced: name -> the backend it replaced, for the report.
+REPLACED: Dict[str, str] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*(-[a-z0-9_]+)*")
+
+
+def register_backend(name: str, backend: Backend, replace: bool = False) -> None:
+    """Adds the backend of device type ``name``; a ``name`` other than the backend's type makes it a
+    variant that ``--xpu name`` selects, like ``cpu-alt``. A name that is registered already (the
+    suite's ``cpu``, ``cpu-alt``, ``cuda``, ... or another plugin's) is replaced only with
+    ``replace=True``, and :data:`REPLACED` records it. DeviceError says what is wrong."""
+    if not isinstance(name, str) or name == "auto" or not _NAME.fullmatch(name):
+        raise DeviceError(f"register({name!r}, ...): a backend's name is a device type or a variant in lower case, "
+                          "such as 'npu' or 'cpu-fp64acc'; 'auto' is reserved")
+    if not isinstance(backend, Backend):
+        raise DeviceError(f"register({name!r}, {backend!r}): expected an instance of runtime.device.Backend, "
+                          f"got {type(backend).__name__}")
+    if name in BACKENDS and BACKENDS[name] is not backend:
+        if not replace:
+            raise DeviceError(f"register({name!r}, ...): {name!r} is registered already ({BACKENDS[name]!r}); "
+                              "pass replace=True to replace it")
+        REPLACED[name] = repr(BACKENDS[name])
     BACKENDS[name] = backend
 
 
