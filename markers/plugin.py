@@ -3,6 +3,8 @@ are usage errors, exit 4), the session's state, markers, expectations, and the r
 terminal summary at the end."""
 import os
 import re
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -99,6 +101,19 @@ def pytest_configure(config: pytest.Config) -> None:
                                      coco_batch=coco_batch, expectations=load_expectations(config),
                                      bench=options.bench_options(config, xpu.accelerator))
     options.root_benchmark_storage(config)
+    stop_on_sigterm_as_on_sigint()
+
+
+def stop_on_sigterm_as_on_sigint() -> None:
+    """SIGTERM (a CI job's timeout, ``kill``) ends the session as Ctrl-C does: pytest then finishes
+    the session, so the parts that finished are written to the report, and the training jobs are
+    stopped by their own clean-up. Only where nobody else handles SIGTERM."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def check_coco_path(config: pytest.Config):

@@ -156,6 +156,8 @@ def parse_fault(spec: str, seed: int = 0) -> FaultSpec:
             raise ValueError(f"fault spec {spec!r}: {kind} takes a fraction in (0, 1], got {raw}")
         if kind in ("noise", "delay", "ulp") and value < 0:
             raise ValueError(f"fault spec {spec!r}: {kind} must not be negative, got {raw}")
+        if kind == "ulp" and not value.is_integer():
+            raise ValueError(f"fault spec {spec!r}: ulp counts whole ulps, got {raw}")
     return FaultSpec(spec=spec.strip(), op=op, kind=kind, value=value, seed=seed)
 
 

@@ -3,6 +3,7 @@ memory. The r50 training step's trace holds about 5 GiB of inputs and outputs; i
 one op's at a time, so the trace keeps a :class:`Stored` handle per tensor and replay loads each
 record just before it judges it. Strides are kept, so a replayed op sees the layout the baseline saw.
 """
+import os
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -11,6 +12,17 @@ from typing import Any, Tuple
 import torch
 
 from runtime import compat
+
+OFF = ("0", "false", "no", "off")
+
+
+class SpillError(OSError):
+    """The trace could not be written to its temporary file; the message names TMPDIR and DETR_PARITY_SPILL."""
+
+
+def spill_enabled() -> bool:
+    """``DETR_PARITY_SPILL``: on unless it is ``0``, ``false``, ``no`` or ``off`` (any case)."""
+    return os.environ.get("DETR_PARITY_SPILL", "1").strip().lower() not in OFF
 
 
 class TensorStore:
@@ -34,7 +46,12 @@ class TensorStore:
         with self._lock:
             offset = self._size
             self._file.seek(offset)
-            raw.numpy().tofile(self._file)
+            try:
+                raw.numpy().tofile(self._file)
+            except OSError as exc:
+                raise SpillError(f"writing the parity trace under {tempfile.gettempdir()} failed after "
+                                 f"{self._size / 2**20:.0f} MiB ({exc}): free space there, set TMPDIR to a "
+                                 "larger disk, or keep the trace in memory with DETR_PARITY_SPILL=0") from exc
             self._size += raw.numel()
         return Stored(self, offset, raw.numel(), t.dtype, tuple(t.shape), tuple(stride), storage_offset)
 

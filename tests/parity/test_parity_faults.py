@@ -1,5 +1,6 @@
 """Fault specs: parsing, error messages, each kind's effect, standalone injection, firing counts."""
 import math
+import os
 import time
 
 import pytest
@@ -34,6 +35,8 @@ def test_parse_accepted_specs(spec, op, kind, value):
     ("aten.mm:scale=big", r"value 'big' is not a number"),
     ("aten.mm:nan=2", r"fraction in \(0, 1\]"),
     ("aten.mm:delay=-1", r"must not be negative"),
+    ("aten.add:ulp=1.5", r"ulp counts whole ulps, got 1\.5"),
+    ("aten.mm:crash", r"unknown kind 'crash'"),
 ])
 def test_parse_errors_say_what_is_accepted(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -140,3 +143,27 @@ def test_tf32_emulation_rounds_matmul_inputs():
     with Precision("tf32").backend("cpu", emulate_tf32=True):
         assert (a @ a).item() == 1.0
     assert (a @ a).item() != 1.0
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("false", False), ("No", False), ("OFF", False), ("1", True),
+                                       ("yes", True), (None, True)])
+def test_spilling_is_switched_off_by_any_usual_word_for_off(monkeypatch, value, on):
+    from parity.spill import spill_enabled
+
+    if value is None:
+        monkeypatch.delenv("DETR_PARITY_SPILL", raising=False)
+    else:
+        monkeypatch.setenv("DETR_PARITY_SPILL", value)
+    assert spill_enabled() is on
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full fails every write with ENOSPC")
+def test_a_full_temporary_disk_names_tmpdir_and_the_switch():
+    from parity.spill import SpillError, TensorStore
+
+    store = TensorStore()
+    store._file = open("/dev/full", "r+b")
+    with pytest.raises(SpillError, match=r"set TMPDIR to a larger disk, or keep the trace in memory with "
+                                         r"DETR_PARITY_SPILL=0"):
+        store.put(torch.ones(4096))
+    store._file.close()

@@ -1,0 +1,33 @@
+"""A session stopped by SIGTERM keeps what finished, as one stopped by Ctrl-C does."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sigterm_keeps_the_parts_that_finished(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--model-config=tiny",
+                             "--xpu=cpu", f"--report-dir={tmp_path}", "--benchmark-skip",
+                             "suite/test_position_encoding.py", "suite/test_backbone.py"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 300
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "test_position_encoding.py" in line and "PASSED" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 2, out  # pytest's "interrupted"
+    parts = {entry["part"] for entry in json.loads((tmp_path / "parity.json").read_text())["tests"]}
+    assert parts and parts <= {"position encoding (sine)", "position encoding (learned)"}, out
+    assert "DETR parity" in out
