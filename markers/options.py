@@ -2,6 +2,10 @@
 usage error (exit 4) naming what is accepted. Help texts are built from the registries they
 describe: the device backends, the precisions, the model configurations, the fault kinds.
 """
+import contextlib
+import io
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -14,6 +18,7 @@ from runtime.device import BACKENDS, PRIVATEUSE1, VARIANTS
 from runtime.faultspec import kinds_help
 from runtime.precision import PRECISIONS
 from training import convergence
+from training import report as training_report
 
 MODEL_CONFIGS = tuple(CONFIGS)
 
@@ -127,6 +132,40 @@ def _add_training_options(group) -> None:
                          "target)")
 
 
+def check_report_dir(path: str) -> None:
+    """``--report-dir`` must be a folder that can be written, with no folder where ``parity.json`` or
+    the training report go: found at start, not after every test ran."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("parity.json", "parity.md", training_report.JSON_NAME, training_report.MD_NAME):
+            if (folder / name).is_dir():
+                raise OSError(f"{folder / name} is a folder, where the report file goes")
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise pytest.UsageError(f"--report-dir {path}: cannot write the reports there ({exc})") from None
+
+
+def check_train_args(args: List[str]) -> None:
+    """``--train-arg`` values, parsed at once by the trainer's own parser: a typo fails here, in the first
+    second, instead of in every rank's log after the job started."""
+    if not args:
+        return
+    from training.train import get_args_parser
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            get_args_parser().parse_args(args)
+    except SystemExit as exc:
+        if exc.code:
+            message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "refused"
+            raise pytest.UsageError(f"--train-arg {' '.join(args)}: python -m training.train says: {message}") from None
+
+
 def ints(option: str, value: str, least: int, example: str) -> List[int]:
     """A single integer, or a comma-separated list where ``example`` is one, each >= ``least``."""
     many = "," in example
@@ -172,10 +211,21 @@ TRAINING_RANGES = (
 )
 
 
+# The most nodes a topology marker asks for (2x8).
+MAX_MARKED_NODES = 2
+
+
 def check_training_options(config: pytest.Config) -> None:
     for name, check in TRAINING_RANGES:
         if not check(config.getoption(name)):
             raise pytest.UsageError(f"{name} {config.getoption(name)!r}: out of range")
+    node_rank, nnodes = config.getoption("--node-rank"), config.getoption("--nnodes")
+    if node_rank is not None and node_rank >= (nnodes or MAX_MARKED_NODES):
+        where = f"--nnodes {nnodes}" if nnodes else f"the topology markers (at most {MAX_MARKED_NODES} nodes, 2x8)"
+        raise pytest.UsageError(f"--node-rank {node_rank}: {where} has node ranks "
+                                f"0..{(nnodes or MAX_MARKED_NODES) - 1}; a rank outside them would wait for the "
+                                "others until the timeout")
+    check_train_args(config.getoption("--train-arg"))
     curve = config.getoption("--reference-curve")
     if curve is not None:
         try:

@@ -93,6 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
         faults = [f.spec for f in parse_faults(config.getoption("inject_fault"))]
     except ValueError as exc:
         raise pytest.UsageError(f"--inject-fault: {exc}") from None
+    options.check_report_dir(config.getoption("--report-dir"))
     coco_batch = check_coco_path(config)
     xpu = device_under_test(config)
     options.check_training_options(config)

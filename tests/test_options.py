@@ -95,3 +95,34 @@ def test_precisions_and_model_configs_are_written_once():
         names.PRECISIONS
     )
     assert plugin.MODEL_CONFIGS == tuple(config.CONFIGS) == ("r50", "tiny")
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("file", "cannot write the reports there"),
+    ("under-file", "cannot write the reports there"),
+    ("json-dir", "parity.json is a folder, where the report file goes"),
+])
+def test_a_report_dir_that_cannot_hold_the_reports_is_refused_before_any_test(tmp_path, layout, message):
+    (tmp_path / "f").write_text("")
+    target = {"file": tmp_path / "f", "under-file": tmp_path / "f" / "reports", "json-dir": tmp_path / "r"}[layout]
+    if layout == "json-dir":
+        (target / "parity.json").mkdir(parents=True)
+    result = pytest_run(f"--report-dir={target}", "suite/test_heads.py")
+    assert result.returncode == 4 and message in result.stderr, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--node-rank", "5"], "--node-rank 5: the topology markers (at most 2 nodes, 2x8) has node ranks 0..1"),
+    (["--node-rank", "2", "--nnodes", "2"], "--node-rank 2: --nnodes 2 has node ranks 0..1"),
+    (["--train-arg=--nnodes=3"], "--train-arg --nnodes=3: python -m training.train says: "
+                                 "python -m training.train: error: unrecognized arguments: --nnodes=3"),
+    (["--train-arg=--batch-size=x"], "argument --batch-size: invalid int value: 'x'"),
+])
+def test_topology_and_trainer_arguments_are_checked_at_start(args, message):
+    result = pytest_run("-m", "training and 2x8", *args)
+    assert result.returncode == 4 and message in result.stderr, result.stdout + result.stderr
+
+
+def test_repeated_precisions_run_once():
+    result = pytest_run("--precision", "fp32,fp32", "suite/test_heads.py")
+    assert result.returncode == 0 and "[fp32_0]" not in result.stdout and "[fp32]" in result.stdout, result.stdout
