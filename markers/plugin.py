@@ -12,7 +12,7 @@ from typing import Optional
 import pytest
 
 from markers import options, pytest_compat
-from markers.expectations import Expectations, ExpectationsError
+from markers.expectations import EXPECTED, Expectations, ExpectationsError
 from markers.options import MODEL_CONFIGS
 from markers.state import STATE, SuiteState, state, state_or_none
 from parity.faults import parse_faults
@@ -192,7 +192,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
         entry = expectations.find(item.nodeid) if expectations else None
         if entry is not None:
             expectations.applied[item.nodeid] = entry
-            item.add_marker(pytest.mark.xfail(reason=f"{entry.reason} ({entry.where})", strict=True))
+            item.add_marker(pytest.mark.xfail(reason=f"{entry.reason} ({entry.where})", strict=True, raises=EXPECTED))
     if names_training(config.getoption("markexpr")):
         return
     training = [item for item in items if item.get_closest_marker("training")]
@@ -214,6 +214,11 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (f"[XPASS(strict)] passed, but {entry.where} expects it to fail ({entry.reason}): "
                            "remove this entry")
         expectations.outcomes[item.nodeid] = "passed"
+    elif report.failed and call.excinfo is not None and not call.excinfo.errisinstance(EXPECTED):
+        error = f"{call.excinfo.typename}: {call.excinfo.value}"
+        report.longrepr = (f"{error}\nnot a parity failure, so the expectations entry {entry.where} "
+                           f"({entry.reason}) does not cover it\n\n{report.longrepr}")
+        expectations.outcomes[item.nodeid] = f"error ({error})"
     elif hasattr(report, "wasxfail"):
         expectations.outcomes[item.nodeid] = "failed as expected"
 
@@ -287,6 +292,8 @@ def write_expectations_summary(terminalreporter, expectations: Expectations) -> 
         line = f"{outcome}: {nodeid}: {entry.reason} ({entry.where})"
         if outcome == "passed":
             terminalreporter.write_line(f"UNEXPECTED PASS {line}; remove this entry", red=True)
+        elif outcome.startswith("error"):
+            terminalreporter.write_line(f"NOT A PARITY FAILURE, {line}: the entry does not cover it", red=True)
         else:
             terminalreporter.write_line(f"expected failure, {line}", yellow=outcome != "failed as expected")
     for entry in expectations.unused():

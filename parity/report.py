@@ -204,7 +204,13 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
         ]
         if ends:
             line += f", worst end-to-end margin {_num(max(ends))}"
-        line += (f", first failure: {fail.get('overload') or fail.get('module')} in {fail.get('module')}: "
-                 f"{fail.get('verdict')}") if fail else ", no failure"
+        errors = [e["error"] for e in entries if e.get("error")]
+        if errors:
+            line += f", error: {errors[0]}"
+        elif fail:
+            line += f", first failure: {fail.get('overload') or fail.get('module')} in {fail.get('module')}: " \
+                    f"{fail.get('verdict')}"
+        else:
+            line += ", no failure"
         lines.append(line)
     return lines

@@ -1,5 +1,6 @@
 """The expectations file: known failures become strict xfails with their reason, an entry whose
 test passes fails the run and says to remove it, and a malformed line is a usage error naming it."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,33 @@ def test_the_ini_value_names_the_file_too(tmp_path):
     path = write(tmp_path, "suite/test_position_encoding.py::*\n")
     done = run("-o", f"expectations={path}", "--collect-only")
     assert done.returncode == 4 and f"{path}:1:" in done.stderr, done.stdout + done.stderr
+
+
+BROKEN_DEVICE = """
+import contextlib
+from runtime.device import CpuBackend
+
+class Broken(CpuBackend):
+    @contextlib.contextmanager
+    def kernels(self):
+        raise KeyError("driver")
+        yield
+
+def pytest_detr_register_devices(register):
+    register("cpu-broken", Broken())
+"""
+
+
+def test_an_entry_excuses_only_a_parity_failure_not_an_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_device.py").write_text(BROKEN_DEVICE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    path = write(tmp_path, f"{SINE}   sine off by 1e-4 on this backend (VENDOR-7)\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "broken_device",
+                           "--xpu", "cpu-broken", "--model-config", "tiny", f"--expectations={path}",
+                           f"--report-dir={tmp_path}", SINE], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "xfailed" not in out, out
+    assert f"KeyError: 'driver'\nnot a parity failure, so the expectations entry {path}:1" in out
+    assert f"NOT A PARITY FAILURE, error (KeyError: 'driver'): {SINE}" in out
+    entry, = json.loads((tmp_path / "parity.json").read_text())["tests"]
+    assert entry["nodeid"] == SINE and entry["error"] == "KeyError: 'driver'" and not entry["passed"]
