@@ -246,7 +246,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     selected tests never run. That fails the session instead of passing silently."""
     st = state_or_none(session.config)
     if st and st.parity_results:
-        st.parity_report = write_report(session.config.getoption("--report-dir"), st.parity_results)
+        try:
+            st.parity_report = write_report(session.config.getoption("--report-dir"), st.parity_results)
+        except OSError as exc:
+            # Each file is written whole or not at all: the earlier report stays as it was.
+            st.report_error = f"the parity report could not be written to {session.config.getoption('--report-dir')} " \
+                              f"({exc}); the earlier report there is unchanged"
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if session.testscollected and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) \
             and faults_never_fired(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -277,6 +283,8 @@ def write_parity_summary(terminalreporter, st: SuiteState) -> None:
     for line in summary_lines(st.parity_results):
         terminalreporter.write_line(line)
     paths = st.parity_report
+    if st.report_error:
+        terminalreporter.write_line(f"ERROR: {st.report_error}", red=True, bold=True)
     if paths and paths.get("warning"):
         terminalreporter.write_line(f"warning: {paths['warning']}", yellow=True, bold=True)
     if paths:

@@ -22,6 +22,7 @@ class SuiteState:
     bench: Optional[Any] = None  # fixtures.benchmark.BenchOptions
     parity_results: List[Dict[str, Any]] = field(default_factory=list)
     parity_report: Optional[Dict[str, Any]] = None
+    report_error: Optional[str] = None  # why the parity report could not be written
     training_rows: List[Dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -103,3 +103,33 @@ def test_the_rerun_command_carries_every_option_that_shaped_the_run():
     # an expectations file decides whether a failure is expected, which the report records
     assert rerun_options(_Options(**{"--coco-path": "/data/coco", "--expectations": "acme.txt"})).endswith(
         " --coco-path=/data/coco --expectations=acme.txt")
+
+
+DISK_FULL = """
+import parity.report
+
+
+def pytest_sessionstart(session):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    parity.report.write_json = full
+"""
+
+
+def test_a_report_that_cannot_be_written_keeps_the_old_one_and_the_summary(tmp_path, monkeypatch):
+    (tmp_path / "disk_full.py").write_text(DISK_FULL)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "parity.json").write_text('{"tests": []}')
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "disk_full", "--xpu", "cpu",
+         "--model-config", "tiny", f"--report-dir={reports}",
+         "suite/test_position_encoding.py::test_sine_position_encoding"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert f"ERROR: the parity report could not be written to {reports} ([Errno 28] No space left on device)" in out
+    assert "PASS position encoding (sine) [fp32]" in out
+    assert (reports / "parity.json").read_text() == '{"tests": []}'
