@@ -93,6 +93,9 @@ def _add_bench_options(group) -> None:
     group.addoption("--bench-warmup", default=None, metavar="N",
                     help="untimed steps after the FLOP-counting step, before timing (default: 5 on an accelerator, "
                          "1 on the CPU)")
+    group.addoption("--benchmark-compare-unmatched", choices=("error", "warn"), default="error",
+                    help="when --benchmark-compare finds no saved benchmark with a node id of this run, which "
+                         "compares nothing: error (default) or warn")
 
 
 def _add_training_options(group) -> None:

@@ -77,8 +77,27 @@ def check_mark_expression(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    # After every plugin's pytest_configure, so that the markers they register are known.
+    # After every plugin's pytest_configure, so that the markers they register are known, and
+    # pytest-benchmark has loaded the saved run to compare against.
     check_mark_expression(session.config)
+    bench = pytest_compat.benchmark_session(session.config)
+    if bench is not None and bench.compare_fail and not bench.compared_mapping:
+        raise pytest.UsageError(f"--benchmark-compare-fail: no saved run to compare against in {bench.storage} "
+                                f"(--benchmark-compare {bench.compare if bench.compare is not True else ''}): "
+                                "the gate would check nothing")
+
+
+def unmatched_comparison(config: pytest.Config) -> Optional[str]:
+    """What a ``--benchmark-compare`` that matched none of this run's benchmarks says, or None."""
+    bench = pytest_compat.benchmark_session(config)
+    if bench is None or not bench.compared_mapping or not bench.benchmarks:
+        return None
+    saved = {name for mapping in bench.compared_mapping.values() for name in mapping}
+    now = {b.fullname for b in bench.benchmarks if b}
+    if not now or saved & now:
+        return None
+    return (f"--benchmark-compare matched none of this run's benchmarks, so nothing was compared; the saved run "
+            f"holds {', '.join(sorted(saved))}; this run has {', '.join(sorted(now))}")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -256,6 +275,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if session.testscollected and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) \
             and faults_never_fired(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if unmatched_comparison(session.config) and session.config.getoption("--benchmark-compare-unmatched") == "error":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -270,6 +291,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         write_expectations_summary(terminalreporter, st.expectations)
     for api, instead in compat.fallbacks().items():
         terminalreporter.write_line(f"warning: {api} is missing in this torch; {instead}", yellow=True)
+    unmatched = unmatched_comparison(config)
+    if unmatched:
+        error = config.getoption("--benchmark-compare-unmatched") == "error"
+        terminalreporter.write_line(f"{'ERROR' if error else 'warning'}: {unmatched}", red=error, yellow=not error)
     missed = faults_never_fired(config)
     if missed and pytest_compat.session_of(terminalreporter).testscollected:
         terminalreporter.section("injected faults", red=True)

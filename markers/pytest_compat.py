@@ -50,3 +50,8 @@ def reroot(config, args: List[str]) -> bool:
     namespace.confcutdir = str(inipath.parent if inipath is not None else rootpath)
     config.known_args_namespace = namespace
     return True
+
+
+def benchmark_session(config) -> Any:
+    """pytest-benchmark's session (``config._benchmarksession``), or None without the plugin."""
+    return getattr(config, "_benchmarksession", None)

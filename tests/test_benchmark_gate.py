@@ -106,3 +106,23 @@ def test_default_storage_is_rooted_in_the_repository(tmp_path):
     option.benchmark_storage = str(tmp_path)
     options.root_benchmark_storage(config)
     assert option.benchmark_storage == str(tmp_path)
+
+
+def test_the_gate_without_a_saved_run_is_a_usage_error_before_any_benchmark(tmp_path):
+    done = run_pytest("--benchmark-compare", f"--benchmark-compare-fail={THRESHOLD}", cwd=ROOT,
+                      storage=tmp_path / "empty")
+    out = done.stdout + done.stderr
+    assert done.returncode == 4 and "--benchmark-compare-fail: no saved run to compare against" in out, out
+    assert "passed" not in out
+
+
+def test_a_comparison_that_matches_no_benchmark_fails_and_lists_both_sides(baseline, tmp_path):
+    other = ["--bench-batch-size", "2"]  # another node id than the saved run's
+    done = run_pytest("--benchmark-compare", *other, cwd=ROOT, storage=baseline.storage)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "ERROR: --benchmark-compare matched none of this run's benchmarks, so nothing was compared" in out
+    assert f"{NODE}" in out and "bs2" in out
+    warned = run_pytest("--benchmark-compare", *other, "--benchmark-compare-unmatched=warn", cwd=ROOT,
+                        storage=baseline.storage)
+    assert warned.returncode == 0 and "warning: --benchmark-compare matched none" in warned.stdout, warned.stdout
