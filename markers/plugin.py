@@ -307,6 +307,12 @@ def write_parity_summary(terminalreporter, st: SuiteState) -> None:
     terminalreporter.section("DETR parity")
     for line in summary_lines(st.parity_results):
         terminalreporter.write_line(line)
+    if st.xpu.label == "cpu":
+        checked = sum(r.get("ops_checked") or 0 for r in st.parity_results)
+        same = sum(r.get("ops_identical") or 0 for r in st.parity_results)
+        terminalreporter.write_line(
+            f"note: the device under test is this CPU, running the baseline's own kernels ({same} of {checked} ops "
+            "bit-identical): this checks the suite, not a device; try --xpu cpu-alt", yellow=True, bold=True)
     paths = st.parity_report
     if st.report_error:
         terminalreporter.write_line(f"ERROR: {st.report_error}", red=True, bold=True)

@@ -26,6 +26,8 @@ def test_clean_run_passes_and_reports(tmp_path):
     assert entry["passed"] is True and entry["first_failure"] is None and entry["ops_checked"] > 0
     assert {"op", "module", "shapes", "verdict"} <= set(entry["ops"][0])
     assert "postprocess" in (tmp_path / "parity.md").read_text()
+    assert "note: the device under test is this CPU, running the baseline's own kernels" in result.stdout
+    assert "this checks the suite, not a device; try --xpu cpu-alt" in result.stdout
 
 
 def test_injected_fault_fails_naming_the_op(tmp_path):
@@ -51,6 +53,7 @@ def test_margins_are_plotted_and_cpu_alt_is_a_device(tmp_path):
     result = run_suite(tmp_path, "--xpu", "cpu-alt", tests=("suite/test_transformer.py",))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "device under test: cpu-alt" in result.stdout and "worst op margin" in result.stdout
+    assert "this checks the suite, not a device" not in result.stdout
     assert (tmp_path / "margins-transformer-fp32-cpu-alt.png").read_bytes()[:4] == b"\x89PNG"
     (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
     assert entry["device"] == "cpu-alt" and 0 < entry["worst_op_margin"] <= 1
