@@ -1,10 +1,20 @@
-"""The device's mAP curve against a reference curve: a verdict, and a PNG to look at.
+"""The device's mAP curve against a reference: a verdict, and a PNG to look at.
 
 A curve is a list of points ``{"samples": global images trained, "mAP": AP@[.5:.95]}``, one per
-evaluation. With one run per side the verdict compares final mAPs within a tolerance; with several
-seeds per side it follows MLPerf's spirit: two one-sided Welch t-tests (alpha 0.05) fail the device
-when its final mAP is significantly below the reference's minus the tolerance, or above it plus the
-tolerance (a device far better than the reference is computing something else).
+evaluation. Three verdicts, by what the reference is:
+
+- **Reference seeds** (the default for the synthetic 1x1 recipe: the CPU seeds shipped with the
+  suite), :func:`judge_against_seeds`. Two statistics of each run, read at the evaluations the
+  device made: its final mAP and its curve's mean (a device that gets there later lowers it). The
+  mean of the m device runs' values must lie in the prediction interval of the mean of m more runs
+  of the n seeds, ``mean +- t sd sqrt(1/m + 1/n)``, with t the Student quantile at the stated
+  false-positive rate split over the two statistics. Its power on real runs, each seed judged as a
+  device against the others, is measured by :mod:`training.power`.
+- **Several runs on each side, without shipped seeds**, :func:`judge`: two one-sided Welch t-tests
+  (alpha 0.05) fail the device whose final mAP is significantly below the reference's minus the
+  tolerance, or above it plus the tolerance (far better is computing something else). One run per
+  side compares the final mAPs within the tolerance.
+- **A published target** (COCO's 0.42), :func:`judge_target`: the best mAP of every run.
 """
 import json
 import math
