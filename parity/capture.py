@@ -23,7 +23,7 @@ import torch
 
 from runtime import compat
 
-from .faults import FaultSpec, apply_faults, is_view_op, parse_faults
+from .faults import FaultSpec, is_view_op, parse_faults, run_with_faults
 from .metrics import bind_arguments
 from .spill import Stored, TensorStore, load_tree
 
@@ -292,8 +292,7 @@ class CaptureMode(compat.TorchDispatchMode):
         recorded = not is_view_op(func) and str(func.overloadpacket) not in UNINITIALISED and not bookkeeping(func)
         saved = compat.tree_map(self._copy, (args, kwargs)) if recorded and self.keep == "tensors" else None
         fired_before = [f.fired for f in self.faults]
-        out = func(*args, **kwargs)
-        out = apply_faults(self.faults, func, out)
+        out = run_with_faults(self.faults, func, args, kwargs)
         writes = func._schema.is_mutable
         if writes and self.keep == "tensors":  # recorded or not (resize_, in-place ops returning nothing)
             self._forget_written(func, args, kwargs)

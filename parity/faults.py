@@ -27,6 +27,8 @@ KINDS = {
     "offset": "offset=<abs>: adds a constant",
     "scale": "scale=<factor>: multiplies by a factor",
     "round": "round=bf16|fp16|tf32: rounds to that format (tf32: 10-bit mantissa)",
+    "round-inputs": "round-inputs=bf16|fp16|tf32: rounds the op's floating inputs to that format before it runs, "
+                    "as TF32 hardware does",
     "ulp": "ulp=<k>: moves each element by a uniform random whole number of ulps, at most k (a correct "
            "device's last-bit error), fixed seed",
     "nan": "nan[=<fraction>]: one element (or that fraction of them) becomes NaN",
@@ -34,10 +36,14 @@ KINDS = {
     "zero": "zero[=<fraction>]: every element (or that fraction of them) becomes 0",
     "delay": "delay=<seconds>: sleeps after the op (a slow device, for benchmark gates)",
 }
-VALUE_REQUIRED = ("noise", "offset", "scale", "round", "delay", "ulp")
+VALUE_REQUIRED = ("noise", "offset", "scale", "round", "round-inputs", "delay", "ulp")
+# A spec may end with @k>=N (calls whose reduction has at least N terms) or @numel>=N (calls with at
+# least N output elements): a kernel that switches algorithm above a size.
+SIZES = ("k", "numel")
 EVERY_OP = "*"
 ROUND_FORMATS = ("bf16", "fp16", "tf32")
-GRAMMAR = "<namespace>.<op>[.<overload>]:<kind>[=<value>] or *:<kind>[=<value>], e.g. aten.softmax:noise=1e-3"
+GRAMMAR = ("<namespace>.<op>[.<overload>]:<kind>[=<value>][@k>=N|@numel>=N] or *:<kind>[=<value>], "
+           "e.g. aten.softmax:noise=1e-3, aten.convolution_backward:round-inputs=tf32@k>=8192")
 
 # Composite ops never reach a dispatch mode; a fault on them applies to what they decompose into.
 DECOMPOSED_TO = {
@@ -64,10 +70,36 @@ class FaultSpec:
     seed: int = 0
     fired: int = 0
     fired_on: List[str] = field(default_factory=list)
+    size: str = ""  # "k" or "numel" with @, else ""
+    at_least: int = 0
 
     def matches(self, func: torch._ops.OpOverload) -> bool:
         packet, full = str(func.overloadpacket), str(func)
         return self.op in (EVERY_OP, packet, full) or packet in DECOMPOSED_TO.get(self.op, ())
+
+    def large_enough(self, func: torch._ops.OpOverload, args: Sequence, outputs) -> bool:
+        """Whether this call is as large as the spec's ``@k>=N`` or ``@numel>=N`` asks (always without)."""
+        if not self.size:
+            return True
+        if self.size == "k":
+            return reduction_length(func, args, outputs) >= self.at_least
+        return max((t.numel() for t in _tensors(outputs)), default=0) >= self.at_least
+
+    def round_inputs(self, func: torch._ops.OpOverload, args: Sequence, kwargs: dict):
+        """Copies of the floating tensor arguments rounded to the spec's format, for ``round-inputs``."""
+        self.fired += 1
+        if len(self.fired_on) < 10:
+            self.fired_on.append(str(func))
+
+        def rounded(t):
+            return self._round(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        return compat.tree_map(rounded, (tuple(args), dict(kwargs)))
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        if self.value == "tf32":
+            return round_to_tf32(x.float()).to(x.dtype)
+        return x.to(torch.float16 if self.value == "fp16" else torch.bfloat16).to(x.dtype)
 
     def apply(self, output: torch.Tensor) -> torch.Tensor:
         """The faulted version of one floating output; any shape, same dtype and device."""
@@ -84,9 +116,7 @@ class FaultSpec:
         if self.kind == "scale":
             return x * self.value
         if self.kind == "round":
-            if self.value == "tf32":
-                return round_to_tf32(x.float()).to(x.dtype)
-            return x.to(torch.float16 if self.value == "fp16" else torch.bfloat16).to(x.dtype)
+            return self._round(x)
         fill = {"nan": math.nan, "inf": math.inf, "zero": 0.0}[self.kind]
         if self.value is None and self.kind == "zero":
             return torch.zeros_like(x)
@@ -135,13 +165,15 @@ class FaultSpec:
 
 def parse_fault(spec: str, seed: int = 0) -> FaultSpec:
     """Parses one fault spec; ValueError says what is accepted."""
-    op, sep, rest = spec.strip().partition(":")
+    body, _, condition = spec.strip().partition("@")
+    size, at_least = _parse_size(condition, spec) if condition else ("", 0)
+    op, sep, rest = body.partition(":")
     if not sep or not op or not rest:
         raise ValueError(f"fault spec {spec!r}: expected {GRAMMAR}")
     _check_op(op, spec)
     kind, has_value, raw = parse_kind(rest, KINDS, spec, VALUE_REQUIRED)
     value: Union[float, str, None] = None
-    if kind == "round":
+    if kind in ("round", "round-inputs"):
         if raw not in ROUND_FORMATS:
             raise ValueError(f"fault spec {spec!r}: round to {raw!r}? accepted: {', '.join(ROUND_FORMATS)}")
         value = raw
@@ -158,7 +190,43 @@ def parse_fault(spec: str, seed: int = 0) -> FaultSpec:
             raise ValueError(f"fault spec {spec!r}: {kind} must not be negative, got {raw}")
         if kind == "ulp" and not value.is_integer():
             raise ValueError(f"fault spec {spec!r}: ulp counts whole ulps, got {raw}")
-    return FaultSpec(spec=spec.strip(), op=op, kind=kind, value=value, seed=seed)
+    return FaultSpec(spec=spec.strip(), op=op, kind=kind, value=value, seed=seed, size=size, at_least=at_least)
+
+
+def _parse_size(condition: str, spec: str):
+    name, sep, number = condition.partition(">=")
+    if not sep or name not in SIZES or not number.isdigit():
+        raise ValueError(f"fault spec {spec!r}: expected @k>=N (reduction length) or @numel>=N (output elements) "
+                         f"after the kind, got @{condition}")
+    return name, int(number)
+
+
+def _tensors(tree) -> List[torch.Tensor]:
+    return [t for t in compat.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def reduction_length(func: torch._ops.OpOverload, args: Sequence, outputs=None) -> int:
+    """The number of terms each output element of the call sums: the contracted dimension of a
+    matmul, the kernel volume times input channels of a convolution (for its backward, the larger of
+    the input and the weight gradient's: the batch times the output's spatial size), and input
+    over output elements for a reduction. 1 for elementwise ops."""
+    name = str(func.overloadpacket).split(".")[-1]
+    if name in ("mm", "bmm", "matmul"):
+        return int(args[0].shape[-1])
+    if name in ("addmm", "baddbmm", "addbmm", "addmv"):
+        return int(args[1].shape[-1])
+    if name in ("convolution", "_convolution"):
+        weight, transposed, groups = args[1], args[6], args[8]
+        channels = weight.shape[0] // groups if transposed else weight.shape[1]
+        return int(channels * math.prod(weight.shape[2:]))
+    if name == "convolution_backward":
+        grad, weight, transposed, groups = args[0], args[2], args[7], args[9]
+        input_terms = (weight.shape[1] if transposed else weight.shape[0] // groups) * math.prod(weight.shape[2:])
+        return int(max(input_terms, grad.shape[0] * math.prod(grad.shape[2:])))
+    inputs, results = _tensors(args), _tensors(outputs)
+    if not inputs or not results:
+        return 1
+    return max(1, inputs[0].numel() // max(1, max(t.numel() for t in results)))
 
 
 def parse_faults(specs: Iterable[Union[str, FaultSpec]]) -> List[FaultSpec]:
@@ -190,13 +258,24 @@ def is_view_op(func: torch._ops.OpOverload) -> bool:
     return bool(returns) and all(write is False for write in returns)
 
 
-def apply_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, outputs):
-    """Applies every matching fault, in order, to an op's return value."""
-    if not faults or is_view_op(func):
-        return outputs
-    for fault in faults:
-        if fault.matches(func):
+def run_with_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, args: Sequence, kwargs: dict):
+    """``func(*args, **kwargs)`` with every matching fault, in order: ``round-inputs`` rounds copies
+    of the inputs before the op runs (not for ops that write an argument), the others change its
+    return value."""
+    active = [f for f in faults if f.matches(func)] if faults and not is_view_op(func) else []
+    if not active:
+        return func(*args, **kwargs)
+    rounding = [f for f in active if f.kind == "round-inputs" and not func._schema.is_mutable]
+    # Past matmuls and convolutions, a reduction's length is known from its output: run it once to see.
+    trial = func(*args, **kwargs) if any(f.size for f in rounding) else None
+    for fault in rounding:
+        if fault.large_enough(func, args, trial):
             with compat.disable_current_modes():  # the fault's own ops belong to no trace
+                args, kwargs = fault.round_inputs(func, args, kwargs)
+    outputs = func(*args, **kwargs)
+    for fault in active:
+        if fault.kind != "round-inputs" and fault.large_enough(func, args, outputs):
+            with compat.disable_current_modes():
                 outputs = fault.perturb(func, outputs)
     return outputs
 
@@ -214,7 +293,7 @@ class FaultMode(compat.TorchDispatchMode):
         self.faults = list(faults)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return apply_faults(self.faults, func, func(*args, **(kwargs or {})))
+        return run_with_faults(self.faults, func, args, kwargs or {})
 
 
 @contextlib.contextmanager

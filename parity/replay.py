@@ -30,7 +30,7 @@ from runtime import compat
 
 from .capture import OpRecord, Trace, cpu_copy, flat_outputs, loaded
 from .errormodel import ErrorModel
-from .faults import FaultSpec, apply_faults, parse_faults
+from .faults import FaultSpec, parse_faults, run_with_faults
 from .judge import IDENTICAL, OutputJudgement, identical, judge_float, judge_integer
 from .metrics import (
     all_finite,
@@ -215,7 +215,7 @@ def device_outputs(record: OpRecord, device: torch.device, precision: Precision,
         t.device == device for t in compat.tree_leaves((record.args, record.kwargs)) if isinstance(t, torch.Tensor))
     args, kwargs = (record.args, record.kwargs) if same_place else _to_device((record.args, record.kwargs), device)
     with precision.backend(device), (context() if context else contextlib.nullcontext()):
-        out = apply_faults(faults, record.func, record.func(*args, **kwargs))
+        out = run_with_faults(faults, record.func, args, kwargs)
     # A CPU output is already a fresh tensor (views are not replayed, and a writing op wrote copies
     # of the inputs), so only an accelerator's outputs are copied over.
     return [t.detach() if t is not None and t.device.type == "cpu" else cpu_copy(t) for t in flat_outputs(out)]

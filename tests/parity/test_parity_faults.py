@@ -8,6 +8,7 @@ import torch
 
 from parity.faults import KINDS, inject, never_fired, parse_fault
 from parity.precision import Precision, parse_precisions, round_to_tf32
+from runtime.compat import TorchDispatchMode
 
 
 @pytest.mark.parametrize("spec, op, kind, value", [
@@ -44,7 +45,7 @@ def test_parse_errors_say_what_is_accepted(spec, message):
 
 
 def test_every_kind_is_documented():
-    assert set(KINDS) == {"noise", "offset", "scale", "round", "nan", "inf", "zero", "delay", "ulp"}
+    assert set(KINDS) == {"noise", "offset", "scale", "round", "round-inputs", "nan", "inf", "zero", "delay", "ulp"}
 
 
 def _mm(a, b, spec):
@@ -167,3 +168,51 @@ def test_a_full_temporary_disk_names_tmpdir_and_the_switch():
                                          r"DETR_PARITY_SPILL=0"):
         store.put(torch.ones(4096))
     store._file.close()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("aten.mm:scale=2@k>8", r"expected @k>=N \(reduction length\) or @numel>=N \(output elements\)"),
+    ("aten.mm:scale=2@size>=8", r"got @size>=8"),
+    ("aten.mm:round-inputs=fp8", r"accepted: bf16, fp16, tf32"),
+])
+def test_size_conditions_and_input_rounding_parse_strictly(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_fault(spec)
+
+
+def test_round_inputs_rounds_what_the_op_reads_not_what_it_returns():
+    a, b = torch.randn(8, 300, dtype=torch.float32), torch.randn(300, 8, dtype=torch.float32)
+    with inject(["aten.mm:round-inputs=bf16"]) as (fault,):
+        out = a @ b
+    assert fault.fired == 1
+    assert torch.equal(out, a.bfloat16().float() @ b.bfloat16().float())
+    assert not torch.equal(out, (a @ b).bfloat16().float())
+
+
+@pytest.mark.parametrize("k, fires", [(63, False), (64, True)])
+def test_a_fault_at_size_fires_only_on_calls_that_large(k, fires):
+    a, b = torch.randn(4, k), torch.randn(k, 4)
+    with inject(["aten.mm:scale=2@k>=64", "aten.mm:offset=1@numel>=17"]) as (by_k, by_numel):
+        out = a @ b
+    assert by_k.fired == int(fires) and by_numel.fired == 0
+    assert torch.allclose(out, (a @ b) * (2 if fires else 1))
+
+
+def test_reduction_lengths_of_convolutions_and_sums():
+    from parity.faults import reduction_length
+
+    x = torch.randn(2, 3, 10, 12, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, requires_grad=True)
+    seen = {}
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.setdefault(str(func.overloadpacket), reduction_length(func, args, out))
+            return out
+
+    with Spy():
+        torch.nn.functional.conv2d(x, w, padding=1).sum().backward()
+    assert seen["aten.convolution"] == 3 * 9
+    assert seen["aten.convolution_backward"] == 2 * 10 * 12  # the weight gradient's batch x output pixels
+    assert seen["aten.sum"] == 2 * 5 * 10 * 12
