@@ -11,7 +11,6 @@ eval mode or with p=0 so that the runs draw the same numbers.
 """
 import contextlib
 import copy
-import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -28,6 +27,7 @@ from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, identical, identical_judgement, judge_integer
 from .precision import Precision, cast_tree
 from .replay import OpCheck, ReplayResult, WholeRun, compare_runs, replay
+from .spill import spill_enabled
 
 RunFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -192,10 +192,12 @@ def _execute(module: torch.nn.Module, inputs: Any, run: RunFn, device: torch.dev
                 out, trace = body(), None
         else:
             # the replay trace goes to a temporary file: a training step's inputs and outputs are GiBs
-            spill = keep == "tensors" and os.environ.get("DETR_PARITY_SPILL", "1") != "0"
+            spill = keep == "tensors" and spill_enabled()
             out, trace = capture(body, root_module=module, faults=faults, keep=keep, spill=spill)
-    grads = [(f"grad {name}", cpu_copy(p.grad) if p.grad is not None else None) for name, p in module.named_parameters()]
-    return _Run(cpu_copy(compat.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)), grads, trace)
+    grads = [(f"grad {name}", cpu_copy(p.grad) if p.grad is not None else None)
+             for name, p in module.named_parameters()]
+    outputs = cpu_copy(compat.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out))
+    return _Run(outputs, grads, trace)
 
 
 def _leaves(run: _Run) -> List[Tuple[str, Any]]:
@@ -284,6 +286,95 @@ def _ensemble(part: str, source: torch.nn.Module, inputs: Any, run: RunFn, preci
     return ensemble.CACHE.get(key, build)
 
 
+@dataclass
+class _Comparison:
+    """What the runs of one :func:`compare_part` share: the part's CPU weights ``source``, its inputs,
+    the device under test, the precision and error model, and the golden run and ensemble, each made
+    at most once and only when a final output differs from the baseline's."""
+
+    part: str
+    source: torch.nn.Module
+    inputs: Any
+    run: RunFn
+    dut: Device
+    precision: Precision
+    model: ErrorModel
+    faults: List[FaultSpec]
+    seed: int
+    trace_keep: Optional[str]
+    ensemble_size: int
+    golden: Optional[_Run] = None
+    members: List[_Run] = field(default_factory=list)
+
+    def baseline(self, keep: Optional[str]) -> _Run:
+        """The CPU run in the precision, TF32 emulated; ``keep`` is what its trace holds."""
+        cpu = torch.device("cpu")
+        module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, cpu)
+        return _execute(module, inputs, self.run, cpu, self.precision.backend(cpu, emulate_tf32=True),
+                        self.precision.autocast(cpu, self.precision.autocast_dtype(self.dut.device)), self.seed,
+                        keep, ())
+
+    def device_run(self) -> _Run:
+        """The device's run under its kernel switches, with the injected faults."""
+        module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
+        with self.dut.kernels():
+            return _execute(module, inputs, self.run, self.dut.device, self.precision.backend(self.dut.device),
+                            self.precision.autocast(self.dut.device), self.seed, self.trace_keep, self.faults)
+
+    def golden_run(self) -> _Run:
+        """The float64 CPU run (fp32 backend switches, no autocast)."""
+        if self.golden is None:
+            cpu = torch.device("cpu")
+            self.golden = _execute(copy.deepcopy(self.source).to(torch.float64),
+                                   cast_tree(self.inputs, cpu, torch.float64), self.run, cpu,
+                                   Precision("fp32").backend(cpu), contextlib.nullcontext(), self.seed,
+                                   self.trace_keep, ())
+        return self.golden
+
+    def ensemble_runs(self) -> List[_Run]:
+        if not self.members:
+            self.members.extend(_ensemble(self.part, self.source, self.inputs, self.run, self.precision, self.dut,
+                                          self.model, self.seed, self.ensemble_size))
+        return self.members
+
+
+def _setup(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Module], inputs: Any, run: RunFn,
+           device: Union[str, torch.device, Device], precision: Union[str, Precision],
+           faults: Sequence[Union[str, FaultSpec]], model: Optional[ErrorModel], seed: int,
+           trace_keep: Optional[str], ensemble_size: int) -> _Comparison:
+    """Resolves the device, precision, error model and faults of :func:`compare_part`, and builds the
+    module once, onto the CPU."""
+    dut = device if isinstance(device, Device) else (resolve(device) if isinstance(device, str) else Device(device))
+    precision = precision if isinstance(precision, Precision) else Precision(precision)
+    model = model or ErrorModel(dut.math_library())
+    faults = parse_faults(faults)
+    source = build if isinstance(build, torch.nn.Module) else build()
+    return _Comparison(part, copy.deepcopy(source).cpu(), inputs, run, dut, precision, model, faults, seed,
+                       trace_keep, ensemble_size)
+
+
+def _notes(same: bool, replayed: ReplayResult, whole: Optional[WholeRun], faults: Sequence[FaultSpec]) -> List[str]:
+    """What the report says besides the verdicts: checks not needed, ops skipped or replayed against
+    a fallback golden, the whole run's divergence, faults that never fired."""
+    notes = []
+    if same:
+        notes.append("every output and gradient is bit-identical to the baseline: no golden run, ensemble or "
+                     "whole-run comparison was needed")
+    if replayed.skipped:
+        names = sorted({c.overload for c in replayed.skipped})
+        notes.append(f"{len(replayed.skipped)} random op call(s) skipped in replay ({', '.join(names)}); "
+                     "use eval mode or dropout 0 for comparable whole runs")
+    notes += sorted({f"{c.overload}: golden {c.golden}" for c in replayed.checks
+                     if c.golden not in ("float64", "-")})
+    if whole is not None:
+        notes += whole.notes
+        if whole.diverged:
+            notes.append(f"whole run diverged at {whole.diverged}")
+    notes += [f"fault {spec!r} never fired: no op of this part matches it" for spec in
+              [f.spec for f in never_fired(faults)]]
+    return notes
+
+
 def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Module], inputs: Any,
                  run: RunFn, device: Union[str, torch.device, Device], precision: Union[str, Precision],
                  faults: Sequence[Union[str, FaultSpec]] = (), model: Optional[ErrorModel] = None, *,
@@ -302,60 +393,17 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     isolated replay: only the final outputs and gradients (and the whole run, if asked) are judged,
     for long runs whose every op another check already replays.
     """
-    dut = device if isinstance(device, Device) else (resolve(device) if isinstance(device, str) else Device(device))
-    precision = precision if isinstance(precision, Precision) else Precision(precision)
-    model = model or ErrorModel(dut.error_backend())
-    faults = parse_faults(faults)
-    source = build if isinstance(build, torch.nn.Module) else build()
-    source = copy.deepcopy(source).cpu()
-    cpu = torch.device("cpu")
-    trace_keep = keep if whole_run else None
-
-    base_module, base_inputs = precision.prepare(copy.deepcopy(source), inputs, cpu)
-    baseline = _execute(base_module, base_inputs, run, cpu, precision.backend(cpu, emulate_tf32=True),
-                        precision.autocast(cpu, precision.autocast_dtype(dut.device)), seed,
-                        "tensors" if replay_ops else trace_keep, ())
-    dev_module, dev_inputs = precision.prepare(copy.deepcopy(source), inputs, dut.device)
-    with dut.kernels():
-        result = _execute(dev_module, dev_inputs, run, dut.device, precision.backend(dut.device),
-                          precision.autocast(dut.device), seed, trace_keep, faults)
-    golden: List[_Run] = []
-    members: List[_Run] = []
-
-    def golden_run() -> _Run:
-        if not golden:
-            golden.append(_execute(copy.deepcopy(source).to(torch.float64), cast_tree(inputs, cpu, torch.float64),
-                                   run, cpu, Precision("fp32").backend(cpu), contextlib.nullcontext(), seed,
-                                   trace_keep, ()))
-        return golden[0]
-
-    def ensemble_runs() -> List[_Run]:
-        if not members:
-            members.extend(_ensemble(part, source, inputs, run, precision, dut, model, seed, ensemble_size))
-        return members
-
-    replayed = replay(baseline.trace, dut.device, precision, model, faults, dut.kernels) if replay_ops \
-        else ReplayResult([])
-    end_to_end = _end_to_end(golden_run, baseline, result, ensemble_runs)
+    job = _setup(part, build, inputs, run, device, precision, faults, model, seed, keep if whole_run else None,
+                 ensemble_size)
+    baseline = job.baseline("tensors" if replay_ops else job.trace_keep)
+    result = job.device_run()
+    replayed = replay(baseline.trace, job.dut.device, job.precision, job.model, job.faults, job.dut.kernels) \
+        if replay_ops else ReplayResult([])
+    end_to_end = _end_to_end(job.golden_run, baseline, result, job.ensemble_runs)
     # A device whose every output and gradient is the baseline's bit for bit passes the end-to-end
     # check by construction: the float64 golden and the ensemble were then not needed.
     same = all(e.judgement.kind == "identical" for e in end_to_end)
-    whole = compare_runs(golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
-    notes = []
-    if same:
-        notes.append("every output and gradient is bit-identical to the baseline: no golden run, ensemble or "
-                     "whole-run comparison was needed")
-    if replayed.skipped:
-        names = sorted({c.overload for c in replayed.skipped})
-        notes.append(f"{len(replayed.skipped)} random op call(s) skipped in replay ({', '.join(names)}); "
-                     "use eval mode or dropout 0 for comparable whole runs")
-    fallbacks = sorted({f"{c.overload}: golden {c.golden}" for c in replayed.checks if c.golden not in ("float64", "-")})
-    notes += fallbacks
-    if whole is not None:
-        notes += whole.notes
-        if whole.diverged:
-            notes.append(f"whole run diverged at {whole.diverged}")
-    notes += [f"fault {spec!r} never fired: no op of this part matches it" for spec in
-              [f.spec for f in never_fired(faults)]]
-    return PartResult(part, dut.label, precision.name, replayed, end_to_end, whole, faults, notes,
-                      ensemble_size=len(members) + 1 if members else 0)
+    whole = compare_runs(job.golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
+    return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults,
+                      _notes(same, replayed, whole, job.faults),
+                      ensemble_size=len(job.members) + 1 if job.members else 0)
