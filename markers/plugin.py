@@ -250,7 +250,8 @@ def pytest_report_header(config: pytest.Config):
     return [f"device under test: {st.xpu.label} (--xpu {config.getoption('--xpu')}); "
             f"precision: {','.join(st.precisions)}; model: {st.model_config}{replaced}",
             f"benchmarks: batch {','.join(map(str, bench.batch_sizes))}, {bench.image_size} px short side, "
-            f"{bench.warmup} warm-up steps ({kind} unless set); storage {config.getoption('benchmark_storage', None)}"]
+            f"{bench.warmup} warm-up steps ({kind} unless set); storage {config.getoption('benchmark_storage', None)}",
+            f"reduced-precision switches: {st.xpu.precision_switches()} (fp32 clears them, tf32 sets them)"]
 
 
 def faults_never_fired(config: pytest.Config) -> list:

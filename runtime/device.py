@@ -52,8 +52,11 @@ class Backend:
     accelerator = True
 
     def __init__(self, device_type: str, dist_backend: str = "gloo", math_library: str = "default",
-                 visible_devices: Tuple[str, ...] = ()):
+                 visible_devices: Tuple[str, ...] = (), reduced_precision: Tuple[str, ...] = ()):
         self._type = device_type
+        # The backend's own switches of reduced precision in float32 matmuls and convolutions (TF32,
+        # HF32), as attribute paths from torch; --precision fp32 clears them and tf32 sets them.
+        self.reduced_precision = reduced_precision
         self.dist_backend = dist_backend
         # The environment variables that choose which devices of this type a process sees (tox passes them on).
         self.visible_devices = visible_devices
@@ -140,13 +143,26 @@ class Backend:
     def set_tf32(self, enabled: bool) -> None:
         """Allows or forbids TF32 in float32 matmuls (and convolutions where the backend has the switch)."""
         torch.set_float32_matmul_precision("high" if enabled else "highest")
+        for path in self.reduced_precision:
+            owner, name = _switch(path)
+            if owner is not None:
+                setattr(owner, name, enabled)
 
     def tf32_state(self) -> Dict[str, object]:
-        """The switches that :meth:`set_tf32` sets, by name, as they are now."""
-        return {"torch.float32_matmul_precision": torch.get_float32_matmul_precision()}
+        """The switches that :meth:`set_tf32` sets, by name, as they are now; ``None`` for one that
+        this torch build (or a plugin not imported) lacks."""
+        state: Dict[str, object] = {"torch.float32_matmul_precision": torch.get_float32_matmul_precision()}
+        for path in self.reduced_precision:
+            owner, name = _switch(path)
+            state[path] = getattr(owner, name) if owner is not None else None
+        return state
 
     def restore_tf32(self, state: Mapping[str, object]) -> None:
         torch.set_float32_matmul_precision(state["torch.float32_matmul_precision"])
+        for path in self.reduced_precision:
+            owner, name = _switch(path)
+            if owner is not None and state.get(path) is not None:
+                setattr(owner, name, state[path])
 
     def set_onednn(self, enabled: bool) -> None:
         """Lets the backend take oneDNN's kernels or not, where that is a switch (the CPU's)."""
@@ -181,21 +197,9 @@ class CudaBackend(Backend):
 
     def __init__(self):
         super().__init__("cuda", dist_backend="nccl", math_library="cuda",
-                         visible_devices=("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"))
+                         visible_devices=("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"),
+                         reduced_precision=("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32"))
 
-    def set_tf32(self, enabled: bool) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
-        super().set_tf32(enabled)
-
-    def tf32_state(self) -> Dict[str, object]:
-        return {**super().tf32_state(), "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
-
-    def restore_tf32(self, state: Mapping[str, object]) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = state["torch.backends.cuda.matmul.allow_tf32"]
-        torch.backends.cudnn.allow_tf32 = state["torch.backends.cudnn.allow_tf32"]
-        super().restore_tf32(state)
 
     def driver_version(self) -> Optional[str]:
         """The kernel module's version and the CUDA version it supports: ``535.104.05, CUDA 12.2``."""
@@ -326,7 +330,9 @@ BACKENDS: Dict[str, Backend] = {
     "cuda": CudaBackend(),
     # Kunlunxin's XPU_VISIBLE_DEVICES and Intel's ZE_AFFINITY_MASK: both vendors' devices are "xpu".
     "xpu": Backend("xpu", dist_backend="xccl", visible_devices=("XPU_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")),
-    "npu": Backend("npu", dist_backend="hccl", visible_devices=("ASCEND_RT_VISIBLE_DEVICES",)),
+    # torch_npu's HF32 switches: convolutions allow HF32 by default, matmuls do not.
+    "npu": Backend("npu", dist_backend="hccl", visible_devices=("ASCEND_RT_VISIBLE_DEVICES",),
+                   reduced_precision=("torch.npu.conv.allow_hf32", "torch.npu.matmul.allow_hf32")),
     "mlu": Backend("mlu", dist_backend="cncl", visible_devices=("MLU_VISIBLE_DEVICES",)),
     "musa": Backend("musa", dist_backend="mccl", visible_devices=("MUSA_VISIBLE_DEVICES",)),
     PRIVATEUSE1: PrivateUse1Backend(),
@@ -564,6 +570,17 @@ class Device:
         """Allows or forbids TF32 in matmuls and convolutions where the backend has the switch."""
         self.backend.set_tf32(enabled)
 
+    def precision_switches(self) -> str:
+        """The backend's reduced-precision switches as they are now, for the report; or, on an
+        accelerator whose switches nobody registered, that float32 is not enforced there."""
+        state = self.backend.tf32_state()
+        if self.backend.reduced_precision:
+            return ", ".join(f"{k}={'absent' if v is None else v}" for k, v in state.items())
+        if self.accelerator:
+            return (f"no reduced-precision switch is known for {self.type}: fp32 is not enforced there beyond "
+                    f"torch.float32_matmul_precision={state['torch.float32_matmul_precision']}")
+        return f"torch.float32_matmul_precision={state['torch.float32_matmul_precision']}"
+
     @contextlib.contextmanager
     def tf32(self, enabled: bool) -> Iterator[None]:
         """:meth:`set_tf32` for the duration of the context; the backend's switches are restored after."""
@@ -585,6 +602,17 @@ class Device:
 
     def settings(self) -> Dict[str, object]:
         return self.backend.settings()
+
+
+def _switch(path: str):
+    """(the object that holds the switch, its name) for ``torch.a.b.flag``; (None, name) where absent."""
+    parts = path.split(".")
+    owner: Any = torch
+    for part in parts[1:-1]:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return None, parts[-1]
+    return (owner, parts[-1]) if hasattr(owner, parts[-1]) else (None, parts[-1])
 
 
 def cpu_model() -> str:

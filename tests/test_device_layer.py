@@ -230,3 +230,27 @@ def test_the_environment_describes_the_device_through_the_layer(monkeypatch):
     assert env["driver"] == "fake 1.0" and env["framework"] == f"PyTorch {torch.__version__} (onednn 3.5)"
     assert env["accelerator"]["name"] == Device(torch.device("cpu")).name()
     assert env["accelerator"]["memory_gib"] == round(Device(torch.device("cpu")).total_memory() / GIB, 1)
+
+
+def test_each_backends_reduced_precision_switches_are_set_by_precision_and_restored(registry, monkeypatch):
+    import types
+
+    # torch_npu's defaults: HF32 allowed in convolutions, not in matmuls
+    npu = types.SimpleNamespace(conv=types.SimpleNamespace(allow_hf32=True),
+                                matmul=types.SimpleNamespace(allow_hf32=False))
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    backend = layer.backend_for("npu")
+    xpu = Device.__new__(Device)
+    monkeypatch.setattr(Device, "backend", property(lambda self: backend))
+    with xpu.tf32(False):
+        assert (npu.conv.allow_hf32, npu.matmul.allow_hf32) == (False, False)
+    assert (npu.conv.allow_hf32, npu.matmul.allow_hf32) == (True, False)
+    with xpu.tf32(True):
+        assert (npu.conv.allow_hf32, npu.matmul.allow_hf32) == (True, True)
+        assert "torch.npu.conv.allow_hf32=True, torch.npu.matmul.allow_hf32=True" in xpu.precision_switches()
+    cuda = layer.backend_for("cuda")
+    assert cuda.reduced_precision == ("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32")
+    monkeypatch.setattr(Device, "backend", property(lambda self: layer.backend_for("mlu")))
+    monkeypatch.setattr(Device, "accelerator", property(lambda self: True))
+    monkeypatch.setattr(Device, "type", property(lambda self: "mlu"))
+    assert "no reduced-precision switch is known for mlu: fp32 is not enforced" in xpu.precision_switches()
