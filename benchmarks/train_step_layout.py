@@ -17,7 +17,7 @@ from detr.data import build_dataset, ensure_synthetic
 from detr.data.coco import num_classes
 from detr.engine import train_step
 from detr.misc import NestedTensor, collate_fn
-from training.train import RECIPES, SYNTHETIC_DATA
+from training.train import SYNTHETIC_DATA, TRAINING_SETUPS
 
 
 def main() -> None:
@@ -28,19 +28,19 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = RECIPES["synthetic"]
-    size = recipe["scales"][0]
+    setup = TRAINING_SETUPS["synthetic"]
+    size = setup["scales"][0]
     dataset = build_dataset("train", ensure_synthetic(**SYNTHETIC_DATA), scales=[size], max_size=size, crop=False)
     variants = {}
     for name in ("NCHW", "channels-last", "channels-last, input too"):
         torch.manual_seed(0)
-        model, criterion, _ = detr.build(recipe["model"], num_classes=num_classes(dataset), lr_backbone=recipe["lr_backbone"],
-                                         **recipe["overrides"])
+        model, criterion, _ = detr.build(setup["model"], num_classes=num_classes(dataset),
+                                         lr_backbone=setup["lr_backbone"], **setup["overrides"])
         if name != "NCHW":
             model.to(memory_format=torch.channels_last)
-        variants[name] = (model, criterion, detr.Recipe(recipe["lr"], recipe["lr_backbone"]).optimizer(model), [])
-    batches = iter(DataLoader(dataset, batch_size=recipe["batch_size"], sampler=RandomSampler(dataset), collate_fn=collate_fn,
-                              drop_last=True))
+        variants[name] = (model, criterion, detr.Recipe(setup["lr"], setup["lr_backbone"]).optimizer(model), [])
+    batches = iter(DataLoader(dataset, batch_size=setup["batch_size"], sampler=RandomSampler(dataset),
+                              collate_fn=collate_fn, drop_last=True))
     for i in range(args.warmup + args.steps):
         samples, targets = next(batches)
         for name, (model, criterion, optimizer, times) in variants.items():

@@ -4,6 +4,7 @@
 device synchronised around it (FlagPerf's p_core); data loading and host copies are outside it.
 """
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ def check_finite(loss: torch.Tensor, losses: Dict[str, torch.Tensor], step: int,
     value = loss.item()
     if not math.isfinite(value):
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not math.isfinite(v.item()))
-        raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step}; non-finite terms: {terms or 'none (the sum overflowed)'}")
+        raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step}; "
+                                 f"non-finite terms: {terms or 'none (the sum overflowed)'}")
     return value
 
 
@@ -68,7 +70,8 @@ PHASES = ("forward and loss", "backward and gradient all-reduce", "clipping and 
 
 def cast_floating(outputs: Any, dtype: torch.dtype) -> Any:
     """``outputs`` (nested dicts and lists of tensors) with every floating tensor cast to ``dtype``."""
-    return compat.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, outputs)
+    return compat.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, outputs)
 
 
 def train_step(
@@ -126,6 +129,101 @@ def train_step(
     return loss, losses
 
 
+@dataclass
+class StepOptions:
+    """How :func:`train_one_epoch` runs its steps beyond the reference's arguments, and whom it tells.
+
+    ``autocast_dtype`` (None: float32) and ``scaler`` (float16's loss scaling) are the step's precision;
+    ``synchronize`` waits for the device around the timed part; ``max_steps`` ends the epoch early.
+    ``after_step()`` runs after every optimizer step, e.g. a per-step learning-rate warm-up;
+    ``progress(step, phase)`` is told where the step is, before each phase (see :data:`PHASES`).
+    ``checks`` (e.g. :class:`training.ddp_check.DDPEquivalence`) has ``before(step, samples, targets)``,
+    ``after_backward(step)`` and ``after_step(step)``; their time is left out of the step's timings.
+    ``pause(step, stats)`` runs after each step with the epoch's figures so far (e.g. an evaluation
+    every N steps); its time is left out of the epoch's, and when it returns True the epoch ends.
+    """
+
+    autocast_dtype: Optional[torch.dtype] = None
+    scaler: Optional["torch.amp.GradScaler"] = None
+    synchronize: Callable[[], None] = no_sync
+    max_steps: Optional[int] = None
+    after_step: Optional[Callable[[], None]] = None
+    progress: Optional[Callable[[int, str], None]] = None
+    checks: Optional[Any] = None
+    pause: Optional[Callable[[int, EpochStats], bool]] = None
+
+
+@dataclass
+class _Tally:
+    """An epoch's running figures: ``stats``, the sums of the loss terms, and its clock, from which
+    the time of the checks and pauses (``excluded``, seconds) is taken out."""
+
+    total_steps: int
+    stats: EpochStats = field(default_factory=EpochStats)
+    sums: Dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    excluded: float = 0.0
+
+    def wall_time(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def count(self, value: float, losses: Dict[str, torch.Tensor], batch_size: int) -> None:
+        """Adds a step of ``batch_size`` images with the weighted loss ``value``."""
+        self.stats.samples += batch_size
+        self.stats.steps += 1
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.item()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + value
+        self.stats.step_losses.append(value)
+
+    def progress_line(self, epoch: int, step: int, value: float, losses: Dict[str, torch.Tensor]) -> str:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / (step + 1) * (self.total_steps - step - 1)
+        return (
+            f"epoch {epoch} step {step + 1}/{self.total_steps} loss {value:.4f} "
+            f"(ce {losses['loss_ce'].item():.3f} bbox {losses['loss_bbox'].item():.3f} "
+            f"giou {losses['loss_giou'].item():.3f}) "
+            f"{self.stats.samples / elapsed:.1f} img/s eta {eta:.0f}s"
+        )
+
+    def pause(self, pause: Callable[[int, EpochStats], bool], step: int) -> bool:
+        """``pause(step, stats)`` with the wall time so far; its own time is left out of the epoch's."""
+        self.stats.wall_time = self.wall_time()
+        t0 = time.perf_counter()
+        stop = pause(step, self.stats)
+        self.excluded += time.perf_counter() - t0
+        return stop
+
+
+def _timed_step(step_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]], samples: Any,
+                targets: List[Dict[str, torch.Tensor]], epoch: int, step: int, options: StepOptions,
+                tally: _Tally) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``step_fn(samples, targets, ...)`` (a :func:`train_step`) between device synchronisations: its
+    time less the checks' goes to the epoch's ``core_time``, the checks' is excluded from its wall time."""
+    checks = options.checks
+    mark = options.progress or (lambda step, phase: None)
+    checked, checks_in_step = 0.0, []
+    if checks is not None:
+        checked += _timed(checks.before, step, samples, targets)
+    options.synchronize()
+    t0 = time.perf_counter()
+    try:
+        loss, losses = step_fn(
+            samples, targets, check=lambda loss, losses: check_finite(loss, losses, step, epoch),
+            mark=lambda phase: mark(step, phase),
+            after_backward=None if checks is None else lambda: checks_in_step.append(
+                _timed(checks.after_backward, step)))
+    except NonFiniteError as exc:  # raised by the matcher for non-finite predictions
+        raise NonFiniteLossError(f"epoch {epoch} step {step}: {exc}") from exc
+    options.synchronize()
+    tally.stats.core_time += time.perf_counter() - t0 - sum(checks_in_step)
+    checked += sum(checks_in_step)
+    if checks is not None:
+        checked += _timed(checks.after_step, step)
+    tally.excluded += checked
+    return loss, losses
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -134,86 +232,39 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     max_norm: float = REFERENCE.clip_max_norm,
-    autocast_dtype: Optional[torch.dtype] = None,
-    scaler: Optional["torch.amp.GradScaler"] = None,
-    synchronize: Callable[[], None] = no_sync,
-    max_steps: Optional[int] = None,
+    *,
     log_every: int = 10,
     log: Callable[[str], None] = print,
-    after_step: Optional[Callable[[], None]] = None,
-    progress: Optional[Callable[[int, str], None]] = None,
-    checks: Optional[Any] = None,
-    pause: Optional[Callable[[int, EpochStats], bool]] = None,
+    options: Optional[StepOptions] = None,
 ) -> EpochStats:
-    """Trains over ``data_loader`` (batches of (NestedTensor, targets)), at most ``max_steps`` steps.
-
-    ``after_step`` runs after every optimizer step, e.g. a per-step learning-rate warm-up;
-    ``progress(step, phase)`` is told where the step is, before each phase (see :data:`PHASES`).
-    ``checks`` (e.g. :class:`training.ddp_check.DDPEquivalence`) has ``before(step, samples, targets)``,
-    ``after_backward(step)`` and ``after_step(step)``; their time is left out of the step's timings.
-    ``pause(step, stats)`` runs after each step with the epoch's figures so far (e.g. an evaluation
-    every N steps); its time is left out of the epoch's, and when it returns True the epoch ends.
+    """Trains over ``data_loader`` (batches of (NestedTensor [B, 3, H, W], targets)) with gradients
+    clipped to ``max_norm``, at most ``options.max_steps`` steps (see :class:`StepOptions`); logs a
+    progress line every ``log_every`` steps (0: none) and at the last.
     """
-    mark = progress or (lambda step, phase: None)
+    options = options or StepOptions()
+    dtype = options.autocast_dtype
+    step_fn = functools.partial(
+        train_step, model, criterion, optimizer=optimizer, max_norm=max_norm, scaler=options.scaler,
+        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None))
     model.train()
     criterion.train()
-    stats = EpochStats()
-    sums: Dict[str, float] = {}
-    total_steps = len(data_loader) if max_steps is None else min(max_steps, len(data_loader))
-    start = time.perf_counter()
-    check_time, checks_in_step = 0.0, []
+    tally = _Tally(len(data_loader) if options.max_steps is None else min(options.max_steps, len(data_loader)))
     for step, (samples, targets) in enumerate(data_loader):
-        if step >= total_steps:
+        if step >= tally.total_steps:
             break
         samples, targets = to_device(samples, targets, device)
-        checked = 0.0
-        if checks is not None:
-            checked += _timed(checks.before, step, samples, targets)
-        synchronize()
-        t0 = time.perf_counter()
-        try:
-            loss, losses = train_step(
-                model, criterion, samples, targets, optimizer, max_norm,
-                autocast=lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-                scaler=scaler, check=lambda loss, losses: check_finite(loss, losses, step, epoch),
-                mark=lambda phase: mark(step, phase),
-                after_backward=None if checks is None else lambda: checks_in_step.append(_timed(checks.after_backward, step)))
-        except NonFiniteError as exc:  # raised by the matcher for non-finite predictions
-            raise NonFiniteLossError(f"epoch {epoch} step {step}: {exc}") from exc
-        synchronize()
-        stats.core_time += time.perf_counter() - t0 - sum(checks_in_step)
-        checked += sum(checks_in_step)
-        checks_in_step.clear()
-        if checks is not None:
-            checked += _timed(checks.after_step, step)
-        check_time += checked
+        loss, losses = _timed_step(step_fn, samples, targets, epoch, step, options, tally)
         value = loss.item()
-        if after_step is not None:
-            after_step()
-        stats.samples += len(targets)
-        stats.steps += 1
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        sums["loss"] = sums.get("loss", 0.0) + value
-        stats.step_losses.append(value)
-        if log_every and (step % log_every == 0 or step + 1 == total_steps):
-            elapsed = time.perf_counter() - start
-            eta = elapsed / (step + 1) * (total_steps - step - 1)
-            log(
-                f"epoch {epoch} step {step + 1}/{total_steps} loss {value:.4f} "
-                f"(ce {losses['loss_ce'].item():.3f} bbox {losses['loss_bbox'].item():.3f} giou {losses['loss_giou'].item():.3f}) "
-                f"{stats.samples / elapsed:.1f} img/s eta {eta:.0f}s"
-            )
-        if pause is not None:
-            stats.wall_time = time.perf_counter() - start - check_time
-            t0 = time.perf_counter()
-            stop = pause(step, stats)
-            check_time += time.perf_counter() - t0
-            if stop:
-                break
-    stats.wall_time = time.perf_counter() - start - check_time
-    stats.losses = {k: v / max(stats.steps, 1) for k, v in sums.items()}
-    return stats
+        if options.after_step is not None:
+            options.after_step()
+        tally.count(value, losses, len(targets))
+        if log_every and (step % log_every == 0 or step + 1 == tally.total_steps):
+            log(tally.progress_line(epoch, step, value, losses))
+        if options.pause is not None and tally.pause(options.pause, step):
+            break
+    tally.stats.wall_time = tally.wall_time()
+    tally.stats.losses = {k: v / max(tally.stats.steps, 1) for k, v in tally.sums.items()}
+    return tally.stats
 
 
 @torch.no_grad()

@@ -117,7 +117,8 @@ def _signal(pids: Sequence[int], sig: int) -> None:
 
 
 def stop(launchers: Sequence[Launcher], job_id: str, grace_s: float = GRACE_S) -> None:
-    """SIGTERM to the launchers (torchrun then stops its workers), SIGKILL to every job process left after ``grace_s``."""
+    """SIGTERM to the launchers (torchrun then stops its workers), SIGKILL to every job process left
+    after ``grace_s``."""
     _signal([launcher.proc.pid for launcher in launchers if launcher.proc.poll() is None], signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
@@ -143,7 +144,8 @@ def first_failure(lines: Sequence[str]) -> str:
     """The error torchrun reports as root cause, or the last exception line in the output."""
     text = "\n".join(lines)
     m = re.search(r"Root Cause \(first observed failure\):\n(.*?)(?:\n=+|\Z)", text, re.S)
-    errors = [line.strip() for line in lines if re.match(r"\s*(\[rank\d+\]:)?\s*[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    error = re.compile(r"\s*(\[rank\d+\]:)?\s*[\w.]*(Error|Exception|Interrupt)\b.*:")
+    errors = [line.strip() for line in lines if error.match(line)]
     parts = []
     if errors:
         parts.append(errors[-1])
@@ -169,11 +171,35 @@ def hung_ranks(train_args: Sequence[str]) -> str:
     waiting = sorted({r["rank"] for r in reports})
     late = {m["rank"]: m for r in reports for m in r.get("not_arrived", []) if m["rank"] not in waiting}
     first = reports[0]
-    where = f"rank(s) {', '.join(map(str, waiting))} timed out waiting in step {first.get('step')}, {first.get('phase')}"
+    where = (f"rank(s) {', '.join(map(str, waiting))} timed out waiting in step {first.get('step')}, "
+             f"{first.get('phase')}")
     if not late:
         return f"{where}; no rank was behind them"
     hung = "; ".join(f"rank {k} hung (last in step {m['step']}, {m['phase']})" for k, m in sorted(late.items()))
     return f"{hung}: {where}"
+
+
+@dataclass
+class _RunningJob:
+    """A started job: its launchers, its id (in every process's environment), when it started, and how
+    many of node 0's output lines ``on_line`` has been given."""
+
+    topology: Topology
+    train_args: Sequence[str]
+    job_id: str
+    start: float
+    on_line: Optional[Callable[[str], None]] = None
+    launchers: List[Launcher] = field(default_factory=list)
+    shown: int = 0
+
+    def show(self) -> None:
+        """Passes node 0's lines read since the last call to ``on_line``."""
+        lines = self.launchers[0].lines
+        end = len(lines)
+        if self.on_line is not None:
+            for line in lines[self.shown:end]:
+                self.on_line(line)
+        self.shown = end
 
 
 def run_job(
@@ -187,71 +213,77 @@ def run_job(
     """Runs the job to completion and returns its wall time (launch to the last exit).
 
     ``on_line`` gets node 0's output lines, called from this thread (so that pytest can write them
-    past its output capture). Raises JobError naming the failed node and its first error, or the timeout; no process is left.
+    past its output capture). Raises JobError naming the failed node and its first error, or the
+    timeout; no process is left.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     port = topology.master_port or free_port()
     job_id = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), JOB_ENV: job_id}
-    launchers: List[Launcher] = []
-    start = time.monotonic()
+    job = _RunningJob(topology, train_args, job_id, time.monotonic(), on_line)
     try:
         for node_rank in topology.local_node_ranks():
-            log_path = log_dir / f"node{node_rank}.log"
-            log_path.write_text("")
-            proc = subprocess.Popen(
-                torchrun_command(topology, node_rank, port, train_args), stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True,
-            )
-            launcher = Launcher(node_rank, proc, log_path)
-            launcher.reader = threading.Thread(target=_read, args=(launcher,), daemon=True)
-            launcher.reader.start()
-            launchers.append(launcher)
-        shown = 0
-
-        def show() -> None:
-            nonlocal shown
-            lines = launchers[0].lines
-            end = len(lines)
-            if on_line is not None:
-                for line in lines[shown:end]:
-                    on_line(line)
-            shown = end
-
-        while True:
-            show()
-            codes = [launcher.proc.poll() for launcher in launchers]
-            failed = [launcher for launcher, code in zip(launchers, codes) if code not in (None, 0)]
-            if failed:
-                stop(launchers, job_id)
-                _join(launchers)
-                show()
-                bad = failed[0]
-                blame = hung_ranks(train_args)
-                # a rank's crash also fails its peers' collectives; the node seen first may be a peer
-                also = "".join(f"\nnode {other.node_rank} also failed (exit code {other.proc.returncode}):\n"
-                               f"{first_failure(other.lines)}\n(full output: {other.log_path})"
-                               for other in launchers if other is not bad and (other.proc.returncode or 0) > 0)
-                raise JobError(
-                    f"{topology.name} job failed on node {bad.node_rank} (exit code {bad.proc.returncode}) "
-                    f"after {time.monotonic() - start:.1f}s:\n{blame + chr(10) if blame else ''}"
-                    f"{first_failure(bad.lines)}\n(full output: {bad.log_path}){also}"
-                )
-            if all(code == 0 for code in codes):
-                _join(launchers)
-                show()
-                return time.monotonic() - start
-            if time.monotonic() - start > timeout_s:
-                stop(launchers, job_id)
-                _join(launchers)
-                raise JobError(
-                    f"{topology.name} job timed out after {timeout_s:.0f}s and was stopped; last output of node 0:\n"
-                    + "\n".join(launchers[0].lines[-10:]) + f"\n(full output: {launchers[0].log_path})"
-                )
-            time.sleep(0.2)
+            job.launchers.append(_launch(topology, node_rank, port, train_args, log_dir / f"node{node_rank}.log",
+                                         full_env))
+        return _watch(job, timeout_s)
     except BaseException:
-        stop(launchers, job_id)
+        stop(job.launchers, job_id)
         raise
+
+
+def _launch(topology: Topology, node_rank: int, port: int, train_args: Sequence[str], log_path: Path,
+            env: Dict[str, str]) -> Launcher:
+    """Starts node ``node_rank``'s torchrun in a session of its own; a thread copies its output to ``log_path``."""
+    log_path.write_text("")
+    proc = subprocess.Popen(
+        torchrun_command(topology, node_rank, port, train_args), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    launcher = Launcher(node_rank, proc, log_path)
+    launcher.reader = threading.Thread(target=_read, args=(launcher,), daemon=True)
+    launcher.reader.start()
+    return launcher
+
+
+def _watch(job: _RunningJob, timeout_s: float) -> float:
+    """Polls the launchers until all exit 0 (returns the wall time), one fails or ``timeout_s`` passes
+    (stops all and raises JobError)."""
+    launchers = job.launchers
+    while True:
+        job.show()
+        codes = [launcher.proc.poll() for launcher in launchers]
+        failed = [launcher for launcher, code in zip(launchers, codes) if code not in (None, 0)]
+        if failed:
+            stop(launchers, job.job_id)
+            _join(launchers)
+            job.show()
+            raise JobError(_failure(job, failed[0]))
+        if all(code == 0 for code in codes):
+            _join(launchers)
+            job.show()
+            return time.monotonic() - job.start
+        if time.monotonic() - job.start > timeout_s:
+            stop(launchers, job.job_id)
+            _join(launchers)
+            raise JobError(
+                f"{job.topology.name} job timed out after {timeout_s:.0f}s and was stopped; last output of node 0:\n"
+                + "\n".join(launchers[0].lines[-10:]) + f"\n(full output: {launchers[0].log_path})"
+            )
+        time.sleep(0.2)
+
+
+def _failure(job: _RunningJob, bad: Launcher) -> str:
+    """JobError's message: the node that failed first, the ranks that hung, and any other failed node."""
+    blame = hung_ranks(job.train_args)
+    # a rank's crash also fails its peers' collectives; the node seen first may be a peer
+    also = "".join(f"\nnode {other.node_rank} also failed (exit code {other.proc.returncode}):\n"
+                   f"{first_failure(other.lines)}\n(full output: {other.log_path})"
+                   for other in job.launchers if other is not bad and (other.proc.returncode or 0) > 0)
+    return (
+        f"{job.topology.name} job failed on node {bad.node_rank} (exit code {bad.proc.returncode}) "
+        f"after {time.monotonic() - job.start:.1f}s:\n{blame + chr(10) if blame else ''}"
+        f"{first_failure(bad.lines)}\n(full output: {bad.log_path}){also}"
+    )
 
 
 def _join(launchers: Sequence[Launcher]) -> None:
