@@ -6,12 +6,11 @@ precision leaks, which must fail (margin above 1), for mm and sum from K = 512 t
 The margin of a variant is its largest error against the float64 golden over the allowance that
 ``parity.errormodel.ErrorModel`` gives the op on the same inputs (standard-normal terms, mixed signs,
 as gradients have). The correct orders are real fp32 arithmetic: torch's own kernel (the CPU
-baseline), one accumulator adding the terms in order (sequential), the terms reversed, split-K with 2, 16 and 256 partial sums added in fp32, and pairwise
-(a tree of halves, 64 terms at the leaves). The leaks: TF32-rounded inputs, the output rounded to
+baseline), one accumulator adding the terms in order (sequential), the terms reversed, split-K with
+2, 16 and 256 partial sums added in fp32, and pairwise (a tree of halves, 64 terms at the leaves). The leaks: TF32-rounded inputs, the output rounded to
 bf16, and a relative bias of 1e-4.
 """
 import argparse
-import math
 
 import numpy as np
 import torch
@@ -93,5 +92,4 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, math.floor(torch.get_num_threads())))
     main()
