@@ -7,8 +7,8 @@ The margin of a variant is its largest error against the float64 golden over the
 ``parity.errormodel.ErrorModel`` gives the op on the same inputs (standard-normal terms, mixed signs,
 as gradients have). The correct orders are real fp32 arithmetic: torch's own kernel (the CPU
 baseline), one accumulator adding the terms in order (sequential), the terms reversed, split-K with
-2, 16 and 256 partial sums added in fp32, and pairwise (a tree of halves, 64 terms at the leaves). The leaks: TF32-rounded inputs, the output rounded to
-bf16, and a relative bias of 1e-4.
+2, 16 and 256 partial sums added in fp32, and pairwise (a tree of halves, 64 terms at the leaves).
+The leaks: TF32-rounded inputs, the output rounded to bf16, and a relative bias of 1e-4.
 """
 import argparse
 
