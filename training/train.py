@@ -11,6 +11,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -147,6 +148,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
                    help="seed of the initial weights alone; default: --seed, which also orders the data")
     p.add_argument("--output-dir", default="outputs", help="checkpoints, log.jsonl and result.json go here")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="let --resume continue with another recipe (batch size, rates, seed, ...); result.json "
+                        "records both")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. hidden_dim=128; repeatable")
     p.add_argument("--fail-at", default=None, metavar="RANK:STEP:KIND",
@@ -200,6 +204,54 @@ def total_memory_gib(xpu: Device) -> Optional[float]:
         return xpu.total_memory() / 2**30
     except Exception:  # a vendor's backend without the call
         return None
+
+
+def usage_error(message: str) -> None:
+    """Exits 2 with one line, as argparse does for a bad option."""
+    print(f"python -m training.train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# (option, what it must be, the check), after the data set's defaults are filled in.
+RANGES = (
+    ("epochs", ">= 1", lambda v: v >= 1), ("batch_size", ">= 1", lambda v: v >= 1),
+    ("max_steps", ">= 1", lambda v: v is None or v >= 1), ("lr", "> 0", lambda v: v > 0),
+    ("lr_backbone", ">= 0", lambda v: v >= 0), ("weight_decay", ">= 0", lambda v: v >= 0),
+    ("lr_drop", ">= 1", lambda v: v >= 1), ("warmup_steps", ">= 0", lambda v: v >= 0),
+    ("clip_max_norm", ">= 0", lambda v: v >= 0), ("eval_every", ">= 0", lambda v: v >= 0),
+    ("target_map", "in [0, 1]", lambda v: v is None or 0 <= v <= 1),
+    ("train_limit", ">= 1", lambda v: v is None or v >= 1), ("val_limit", ">= 1", lambda v: v is None or v >= 1),
+    ("scales", "each >= 32", lambda v: all(s >= 32 for s in v)), ("max_size", ">= 32", lambda v: v >= 32),
+    ("val_size", ">= 32", lambda v: v >= 32), ("num_workers", ">= 0", lambda v: v >= 0),
+    ("threads", ">= 1", lambda v: v is None or v >= 1), ("dist_timeout", "> 0", lambda v: v > 0),
+    ("ddp_check_steps", ">= 0", lambda v: v >= 0),
+)
+# What a resumed run must share with the run it continues; --epochs and --max-steps may move its end.
+RECIPE_KEYS = ("model", "precision", "batch_size", "lr", "lr_backbone", "weight_decay", "lr_drop", "lr_schedule",
+               "warmup_steps", "clip_max_norm", "seed", "init_seed", "scales", "max_size", "val_size", "crop",
+               "override", "coco_path", "train_limit", "val_limit", "channels_last")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The ranges of the options, the output folder and the resume file, as usage errors (exit 2)."""
+    for name, what, ok in RANGES:
+        value = getattr(args, name)
+        if not (isinstance(value, (int, float, list)) or value is None) or not ok(value) \
+                or (isinstance(value, float) and not math.isfinite(value)):
+            usage_error(f"--{name.replace('_', '-')} {value}: expected {what}")
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        usage_error(f"--output-dir {out}: cannot be made a folder ({exc.strerror or exc})")
+    if args.resume is not None and not Path(args.resume).is_file():
+        usage_error(f"--resume {args.resume}: no such checkpoint file")
+
+
+def recipe_changes(saved: Dict[str, Any], args: argparse.Namespace) -> Dict[str, List[Any]]:
+    """{option: [the checkpoint's value, this run's]} for each recipe option that differs."""
+    now = vars(args)
+    return {k: [saved.get(k), now.get(k)] for k in RECIPE_KEYS if k in saved and saved.get(k) != now.get(k)}
 
 
 def resolve(args: argparse.Namespace, setup: Dict[str, Any]) -> None:
@@ -333,6 +385,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if args.eval_every is None:
             args.eval_every = 0
     resolve(args, setup)
+    check_args(args)
     overrides = parse_overrides(args.override)
     if args.model == setup["model"]:
         overrides = {**setup["overrides"], **overrides}
@@ -511,8 +564,22 @@ def check_data(job: Job, data: Data) -> None:
 def resume(job: Job, data: Data, parts: Parts, run: Run) -> None:
     """Restores the weights, the optimizer, the rate, the data order, the RNG and ``run`` from ``--resume``."""
     args, info = job.args, job.info
-    ckpt = compat.load(args.resume, weights_only=False, map_location="cpu")
-    parts.model_without_ddp.load_state_dict(ckpt["model"])
+    try:
+        ckpt = compat.load(args.resume, weights_only=False, map_location="cpu")
+        missing = {"model", "optimizer", "steps", "epoch", "args"} - set(ckpt)
+    except Exception as exc:
+        usage_error(f"--resume {args.resume}: not a checkpoint that can be read ({type(exc).__name__}: {exc})")
+    if missing:
+        usage_error(f"--resume {args.resume}: not a checkpoint of this trainer (no {', '.join(sorted(missing))})")
+    changes = recipe_changes(ckpt["args"], args)
+    if changes and not args.allow_recipe_change:
+        shown = "; ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items())
+        usage_error(f"--resume {args.resume}: the checkpoint was trained with another recipe ({shown}); "
+                    "resume with the same options, or pass --allow-recipe-change")
+    try:
+        parts.model_without_ddp.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        usage_error(f"--resume {args.resume}: its weights do not fit this model ({str(exc).splitlines()[0]})")
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     # The rate follows from the steps done and this run's plan (--epochs may move its end), so a
     # checkpoint of the per-epoch StepLR that came before resumes too.
@@ -522,7 +589,7 @@ def resume(job: Job, data: Data, parts: Parts, run: Run) -> None:
     run.pending_eval = ckpt.get("pending_eval", False)
     run.earlier = ckpt.get("elapsed", 0.0)
     run.resumes = ckpt.get("resumes", []) + [{"checkpoint": str(args.resume), "epoch": ckpt["epoch"],
-                                              "steps": ckpt["steps"]}]
+                                              "steps": ckpt["steps"], "recipe_changes": changes}]
     run.start_epoch = ckpt["epoch"] + (0 if run.pending_eval else 1)
     run.steps_done, run.history, run.step_losses = ckpt["steps"], ckpt["history"], ckpt["step_losses"]
     run.counters, run.best, run.target_hit = ckpt["counters"], ckpt["best"], ckpt["target_hit"]
