@@ -7,7 +7,7 @@ that is not installed; a module registered twice is loaded once.
 """
 import gc
 
-pytest_plugins = ["markers.plugin", "fixtures.device", "fixtures.models", "fixtures.data", "fixtures.parity",
+pytest_plugins = ["markers.plugin", "fixtures.session", "fixtures.models", "fixtures.data", "fixtures.parity",
                   "fixtures.benchmark", "fixtures.training", "fixtures.params"]
 
 
