@@ -81,10 +81,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # pytest-benchmark has loaded the saved run to compare against.
     check_mark_expression(session.config)
     bench = pytest_compat.benchmark_session(session.config)
-    if bench is not None and bench.compare_fail and not bench.compared_mapping:
-        raise pytest.UsageError(f"--benchmark-compare-fail: no saved run to compare against in {bench.storage} "
-                                f"(--benchmark-compare {bench.compare if bench.compare is not True else ''}): "
-                                "the gate would check nothing")
+    strict = session.config.getoption("--benchmark-compare-unmatched") == "error"
+    if bench is not None and (bench.compare or bench.compare_fail) and not bench.compared_mapping \
+            and (bench.compare_fail or strict):
+        option = "--benchmark-compare-fail" if bench.compare_fail else "--benchmark-compare"
+        raise pytest.UsageError(f"{option}: no saved run to compare against could be loaded from {bench.storage} "
+                                f"(--benchmark-compare {bench.compare if bench.compare is not True else ''}: none "
+                                "saved, or not valid JSON, as a warning above then says): the comparison would "
+                                "check nothing")
 
 
 def unmatched_comparison(config: pytest.Config) -> Optional[str]:

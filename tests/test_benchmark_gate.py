@@ -126,3 +126,17 @@ def test_a_comparison_that_matches_no_benchmark_fails_and_lists_both_sides(basel
     warned = run_pytest("--benchmark-compare", *other, "--benchmark-compare-unmatched=warn", cwd=ROOT,
                         storage=baseline.storage)
     assert warned.returncode == 0 and "warning: --benchmark-compare matched none" in warned.stdout, warned.stdout
+
+
+def test_a_corrupt_saved_run_is_a_usage_error_before_any_benchmark(baseline, tmp_path):
+    import shutil
+
+    storage = tmp_path / "corrupt"
+    shutil.copytree(baseline.storage, storage)
+    (saved,) = storage.glob("*/0001_*.json")
+    saved.write_text("{ truncated")
+    for extra in ([], [f"--benchmark-compare-fail={THRESHOLD}"]):
+        done = run_pytest("--benchmark-compare", *extra, cwd=ROOT, storage=storage)
+        out = done.stdout + done.stderr
+        assert done.returncode == 4 and "no saved run to compare against could be loaded" in out, out
+        assert "passed" not in out
