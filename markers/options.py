@@ -5,15 +5,17 @@ describe: the device backends, the precisions, the model configurations, the fau
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
 from detr.config import CONFIGS
 from parity.faults import KINDS
+from parity.spill import spill_enabled
 from runtime.device import BACKENDS, PRIVATEUSE1, VARIANTS
 from runtime.faultspec import kinds_help
 from runtime.precision import PRECISIONS
@@ -150,6 +152,26 @@ def check_report_dir(path: str) -> None:
             os.fsync(probe.fileno())
     except OSError as exc:
         raise pytest.UsageError(f"--report-dir {path}: cannot write the reports there ({exc})") from None
+
+
+# The temporary disk a part's spilled trace takes at most, by model configuration (docs/memory.md:
+# about 5 GiB for r50, under 1 GiB for tiny), with a fifth more for what a run writes besides.
+TRACE_BYTES = {"r50": int(6 * 2**30), "tiny": int(1.2 * 2**30)}
+
+
+def trace_space_problem(model_config: str) -> Optional[str]:
+    """Why the parity trace would not fit under TMPDIR, or None (also when it is kept in memory)."""
+    folder = tempfile.gettempdir()
+    need = TRACE_BYTES.get(model_config, max(TRACE_BYTES.values()))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return f"TMPDIR {folder}: cannot be read ({exc}); set TMPDIR to a folder on a disk with room"
+    if not spill_enabled() or free >= need:
+        return None
+    return (f"TMPDIR {folder} has {free / 2**30:.1f} GiB free; the parity trace of {model_config} needs about "
+            f"{need / 2**30:.1f} GiB (docs/memory.md): set TMPDIR to a larger disk, or keep the trace in memory "
+            "with DETR_PARITY_SPILL=0")
 
 
 def check_train_args(args: List[str]) -> None:

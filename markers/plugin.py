@@ -1,6 +1,7 @@
 """The suite's pytest hooks, one implementation of each: options and their validation (bad values
 are usage errors, exit 4), the session's state, markers, expectations, and the reports and
 terminal summary at the end."""
+import gc
 import os
 import re
 import signal
@@ -222,6 +223,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
     if training:
         config.hook.pytest_deselected(items=training)
         items[:] = [item for item in items if not item.get_closest_marker("training")]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Checks that the parity trace has room under TMPDIR before the first part runs, then freezes
+    what exists once the tests are collected (torch, the plugins, the test modules: about 400,000
+    objects) out of the cyclic garbage collector's reach. Every later full collection, pytest's five
+    at the end of the session included, then scans only what the tests made: 0.14 s a collection
+    instead of 0.56 s, measured on the tiny suite."""
+    config = session.config
+    if not config.option.collectonly and any(item.get_closest_marker("parity") for item in session.items):
+        problem = options.trace_space_problem(config.getoption("--model-config"))
+        if problem:
+            pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+    gc.freeze()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -136,3 +136,26 @@ def test_a_report_that_cannot_be_written_keeps_the_old_one_and_the_summary(tmp_p
     assert f"ERROR: the parity report could not be written to {reports} ([Errno 28] No space left on device)" in out
     assert "PASS position encoding (sine) [fp32]" in out
     assert (reports / "parity.json").read_text() == '{"tests": []}'
+
+
+SMALL_DISK = """
+import collections
+import shutil
+
+
+def pytest_configure(config):
+    usage = collections.namedtuple("usage", "total used free")
+    shutil.disk_usage = lambda path: usage(2**30, 2**30 - 100 * 2**20, 100 * 2**20)
+"""
+
+
+def test_a_tmpdir_too_small_for_the_trace_is_refused_before_the_first_part(tmp_path, monkeypatch):
+    (tmp_path / "small_disk.py").write_text(SMALL_DISK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    result = run_suite(tmp_path / "reports", "-p", "small_disk")
+    out = result.stdout + result.stderr
+    assert result.returncode == 4, out
+    assert "has 0.1 GiB free; the parity trace of tiny needs about 1.2 GiB (docs/memory.md)" in out
+    assert "DETR_PARITY_SPILL=0" in out and "PASS" not in out
+    monkeypatch.setenv("DETR_PARITY_SPILL", "off")
+    assert run_suite(tmp_path / "reports", "-p", "small_disk").returncode == 0
