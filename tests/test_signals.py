@@ -31,3 +31,39 @@ def test_sigterm_keeps_the_parts_that_finished(tmp_path):
     parts = {entry["part"] for entry in json.loads((tmp_path / "parity.json").read_text())["tests"]}
     assert parts and parts <= {"position encoding (sine)", "position encoding (learned)"}, out
     assert "DETR parity" in out
+
+
+def job_running() -> bool:
+    from training.launch import JOB_ENV
+
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if JOB_ENV.encode() + b"=" in f.read():
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def test_sigterm_during_a_training_job_leaves_no_process_behind(tmp_path):
+    assert not job_running(), "a training job of another test is still running"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "training and 1x1",
+                             "--xpu=cpu", f"--report-dir={tmp_path}", "--train-max-steps=1000"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not job_running() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert job_running(), "the training job never started"
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 30
+    while job_running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not job_running(), "a rank or torchrun outlived the session"
+    assert proc.returncode == 2, out[-3000:]
