@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from training.launch import JOB_ENV, JobError, Topology, first_failure, job_processes, run_job
+from training.launch import JOB_ENV, JobError, Topology, first_failure, free_port, job_processes, run_job
 
 SMALL = [
     "--device",
@@ -157,3 +157,14 @@ def test_topology_names():
     with pytest.raises(ValueError, match="expected <nodes>x<devices per node>"):
         Topology.parse("8")
     assert job_processes("no-such-job") == []
+
+
+def test_a_node_whose_peers_never_come_fails_within_the_rendezvous_timeout_naming_the_options(tmp_path):
+    lonely = Topology.parse("2x1", node_rank=1, master_port=free_port(), rendezvous_timeout=5)
+    start = time.monotonic()
+    with pytest.raises(JobError) as failed:
+        run_job(lonely, [*SMALL, "--output-dir", str(tmp_path / "out"), "--max-steps", "1"], tmp_path / "logs",
+                timeout_s=120)
+    assert time.monotonic() - start < 90, "the node waited past its rendezvous timeout"
+    assert "(--node-rank 1 of --nnodes 2, meeting at --master-addr 127.0.0.1 --master-port" in str(failed.value)
+    assert "within 5 s)" in str(failed.value) and no_job_left()

@@ -35,6 +35,8 @@ class Topology:
     node_rank: Optional[int] = None  # None: simulate every node on this machine
     master_addr: str = "127.0.0.1"
     master_port: Optional[int] = None
+    # Seconds a node waits for the others to meet (torchrun's own default is 600).
+    rendezvous_timeout: int = 300
 
     @classmethod
     def parse(cls, name: str, **kwargs) -> "Topology":
@@ -54,6 +56,12 @@ class Topology:
     def local_node_ranks(self) -> List[int]:
         return list(range(self.nnodes)) if self.node_rank is None else [self.node_rank]
 
+    def where(self, port: int) -> str:
+        """The options that make the nodes meet, for a failure message."""
+        me = "every node on this machine" if self.node_rank is None else f"--node-rank {self.node_rank}"
+        return (f"{me} of --nnodes {self.nnodes}, meeting at --master-addr {self.master_addr} "
+                f"--master-port {port} within {self.rendezvous_timeout} s")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -67,7 +75,7 @@ def torchrun_command(topology: Topology, node_rank: int, port: int, train_args: 
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(topology.nnodes), "--nproc_per_node", str(topology.nproc_per_node),
         "--node_rank", str(node_rank), "--master_addr", topology.master_addr, "--master_port", str(port),
-        "--max_restarts", "0", "--monitor_interval", "0.5",
+        "--max_restarts", "0", "--monitor_interval", "0.5", "--rdzv_conf", f"timeout={topology.rendezvous_timeout}",
         "-m", "training.train", *train_args,
     ]
 
@@ -191,6 +199,7 @@ class _RunningJob:
     on_line: Optional[Callable[[str], None]] = None
     launchers: List[Launcher] = field(default_factory=list)
     shown: int = 0
+    port: int = 0
 
     def show(self) -> None:
         """Passes node 0's lines read since the last call to ``on_line``."""
@@ -220,7 +229,7 @@ def run_job(
     port = topology.master_port or free_port()
     job_id = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), JOB_ENV: job_id}
-    job = _RunningJob(topology, train_args, job_id, time.monotonic(), on_line)
+    job = _RunningJob(topology, train_args, job_id, time.monotonic(), on_line, port=port)
     try:
         for node_rank in topology.local_node_ranks():
             job.launchers.append(_launch(topology, node_rank, port, train_args, log_dir / f"node{node_rank}.log",
@@ -266,7 +275,8 @@ def _watch(job: _RunningJob, timeout_s: float) -> float:
             stop(launchers, job.job_id)
             _join(launchers)
             raise JobError(
-                f"{job.topology.name} job timed out after {timeout_s:.0f}s and was stopped; last output of node 0:\n"
+                f"{job.topology.name} job timed out after {timeout_s:.0f}s and was stopped "
+                f"({job.topology.where(job.port)}); last output of node 0:\n"
                 + "\n".join(launchers[0].lines[-10:]) + f"\n(full output: {launchers[0].log_path})"
             )
         time.sleep(0.2)
@@ -281,7 +291,8 @@ def _failure(job: _RunningJob, bad: Launcher) -> str:
                    for other in job.launchers if other is not bad and (other.proc.returncode or 0) > 0)
     return (
         f"{job.topology.name} job failed on node {bad.node_rank} (exit code {bad.proc.returncode}) "
-        f"after {time.monotonic() - job.start:.1f}s:\n{blame + chr(10) if blame else ''}"
+        f"after {time.monotonic() - job.start:.1f}s ({job.topology.where(job.port)}):\n"
+        f"{blame + chr(10) if blame else ''}"
         f"{first_failure(bad.lines)}\n(full output: {bad.log_path}){also}"
     )
 
