@@ -18,6 +18,11 @@ OLDEST_TORCH := torch==1.12.1 torchvision==0.13.1 numpy<2
 SITE_PTH := import sys; [print("import site; site.addsitedir(" + repr(p) + ")") for p in sys.path \
 	if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
 
+# A .pth line, read after the editable install's own (``_`` sorts before ``d``), that puts the suite's finder
+# first: its packages (fixtures, markers, ...) then win over PyPI packages of the same names in site-packages.
+FIRST_PTH := import sys; [sys.meta_path.insert(0, sys.meta_path.pop(sys.meta_path.index(f))) for f in \
+	[f for f in sys.meta_path if getattr(f, "__module__", "").startswith("__editable___detr_conformance")]]
+
 .PHONY: conformance test test-oldest _oldest lint clean
 
 lint: $(STAMP)
@@ -60,6 +65,7 @@ $(STAMP): pyproject.toml Makefile
 	    echo "$(VENV) was not made by $$want: making it again"; rm -rf $(VENV); fi; \
 	test -x $(VPY) || { $(PYTHON) -m venv --system-site-packages $(VENV) && echo "$$want" > $(VENV)/.python; }
 	$(PYTHON) -c '$(SITE_PTH)' > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/vendor-site.pth"
+	printf '%s\n' '$(FIRST_PTH)' > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/detr-conformance-first.pth"
 	@if [ -n "$(TORCH)" ] && ! $(VPY) -c 'import torch' 2>/dev/null; then \
 	    echo $(VPY) -m pip install --disable-pip-version-check $(foreach r,$(TORCH),'$(r)'); \
 	    $(VPY) -m pip install --disable-pip-version-check $(foreach r,$(TORCH),'$(r)'); fi
