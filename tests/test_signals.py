@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,10 @@ def job_running() -> bool:
     return False
 
 
-def test_sigterm_during_a_training_job_leaves_no_process_behind(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_session_stopped_during_a_training_job_leaves_no_process_behind(tmp_path, stop):
+    """SIGTERM ends the session as Ctrl-C does (its clean-up stops the job); SIGKILL leaves no clean-up,
+    and the launcher, told to follow its parent, stops the ranks itself."""
     assert not job_running(), "a training job of another test is still running"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "training and 1x1",
@@ -58,7 +63,7 @@ def test_sigterm_during_a_training_job_leaves_no_process_behind(tmp_path):
             time.sleep(0.5)
         assert job_running(), "the training job never started"
         time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -66,4 +71,4 @@ def test_sigterm_during_a_training_job_leaves_no_process_behind(tmp_path):
     while job_running() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not job_running(), "a rank or torchrun outlived the session"
-    assert proc.returncode == 2, out[-3000:]
+    assert proc.returncode == (2 if stop == signal.SIGTERM else -signal.SIGKILL), out[-3000:]

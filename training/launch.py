@@ -246,12 +246,25 @@ def _launch(topology: Topology, node_rank: int, port: int, train_args: Sequence[
     log_path.write_text("")
     proc = subprocess.Popen(
         torchrun_command(topology, node_rank, port, train_args), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, preexec_fn=_stop_with_parent,
     )
     launcher = Launcher(node_rank, proc, log_path)
     launcher.reader = threading.Thread(target=_read, args=(launcher,), daemon=True)
     launcher.reader.start()
     return launcher
+
+
+def _stop_with_parent() -> None:
+    """In the launcher, before torchrun starts: Linux sends it SIGTERM when the process that started it
+    dies (even by SIGKILL), and torchrun then stops its ranks, so a killed session leaves no job."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _watch(job: _RunningJob, timeout_s: float) -> float:
