@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -82,8 +82,12 @@ class FaultSpec:
         if not self.size:
             return True
         if self.size == "k":
-            return reduction_length(func, args, outputs) >= self.at_least
+            return (reduction_length(func, args, outputs) or 0) >= self.at_least
         return max((t.numel() for t in _tensors(outputs)), default=0) >= self.at_least
+
+    def sized_by_inputs(self, func: torch._ops.OpOverload, args: Sequence) -> bool:
+        """Whether :meth:`large_enough` can decide from the inputs alone, before the op runs."""
+        return not self.size or (self.size == "k" and reduction_length(func, args) is not None)
 
     def round_inputs(self, func: torch._ops.OpOverload, args: Sequence, kwargs: dict):
         """Copies of the floating tensor arguments rounded to the spec's format, for ``round-inputs``."""
@@ -205,11 +209,12 @@ def _tensors(tree) -> List[torch.Tensor]:
     return [t for t in compat.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
-def reduction_length(func: torch._ops.OpOverload, args: Sequence, outputs=None) -> int:
+def reduction_length(func: torch._ops.OpOverload, args: Sequence, outputs=None) -> Optional[int]:
     """The number of terms each output element of the call sums: the contracted dimension of a
     matmul, the kernel volume times input channels of a convolution (for its backward, the larger of
     the input and the weight gradient's: the batch times the output's spatial size), and input
-    over output elements for a reduction. 1 for elementwise ops."""
+    over output elements for a reduction (None while its ``outputs`` are not known). 1 for
+    elementwise ops."""
     name = str(func.overloadpacket).split(".")[-1]
     if name in ("mm", "bmm", "matmul"):
         return int(args[0].shape[-1])
@@ -223,6 +228,8 @@ def reduction_length(func: torch._ops.OpOverload, args: Sequence, outputs=None) 
         grad, weight, transposed, groups = args[0], args[2], args[7], args[9]
         input_terms = (weight.shape[1] if transposed else weight.shape[0] // groups) * math.prod(weight.shape[2:])
         return int(max(input_terms, grad.shape[0] * math.prod(grad.shape[2:])))
+    if outputs is None:
+        return None
     inputs, results = _tensors(args), _tensors(outputs)
     if not inputs or not results:
         return 1
@@ -267,7 +274,8 @@ def run_with_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, ar
         return func(*args, **kwargs)
     rounding = [f for f in active if f.kind == "round-inputs" and not func._schema.is_mutable]
     # Past matmuls and convolutions, a reduction's length is known from its output: run it once to see.
-    trial = func(*args, **kwargs) if any(f.size for f in rounding) else None
+    unsized = [f for f in rounding if not f.sized_by_inputs(func, args)]
+    trial = func(*args, **kwargs) if unsized else None
     for fault in rounding:
         if fault.large_enough(func, args, trial):
             with compat.disable_current_modes():  # the fault's own ops belong to no trace

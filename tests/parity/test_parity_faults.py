@@ -209,3 +209,14 @@ def test_reduction_lengths_of_convolutions_and_sums():
     assert seen["aten.convolution"] == 3 * 9
     assert seen["aten.convolution_backward"] == 2 * 10 * 12  # the weight gradient's batch x output pixels
     assert seen["aten.sum"] == 2 * 5 * 10 * 12
+
+
+def test_round_inputs_at_size_reads_k_from_the_inputs_or_from_a_reduction_output():
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    x = torch.randn(3, 128)
+    with inject(["aten.mm:round-inputs=bf16@k>=64", "aten.sum:round-inputs=bf16@k>=128",
+                 "aten.sum:round-inputs=tf32@k>=129"]) as (mm, by_row, too_small):
+        out, rows = a @ b, x.sum(1)
+    assert (mm.fired, by_row.fired, too_small.fired) == (1, 1, 0)
+    assert torch.equal(out, a.bfloat16().float() @ b.bfloat16().float())
+    assert torch.equal(rows, x.bfloat16().float().sum(1))
