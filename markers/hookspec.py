@@ -19,6 +19,26 @@ import pluggy
 hookspec = pluggy.HookspecMarker("pytest")
 
 
+class HookFailed(Exception):
+    """A vendor's hook raised; the message names the hook, the plugin and the error."""
+
+    def __init__(self, hook: str, plugin: str, error: Exception):
+        self.hook, self.plugin, self.error = hook, plugin, error
+        # A ValueError of the suite's own (a bad name or value) says what is wrong already.
+        said = f": {error}" if isinstance(error, ValueError) else f" raised {type(error).__name__}: {error}"
+        super().__init__(f"{hook} in {plugin}{said}")
+
+
+def call_each(hook_caller, **kwargs) -> None:
+    """Calls every plugin's implementation of a hook, in pluggy's order; the first that raises is a
+    :class:`HookFailed` naming the plugin, where pluggy's own call would name none."""
+    for impl in reversed(hook_caller.get_hookimpls()):
+        try:
+            impl.function(**kwargs)
+        except Exception as exc:
+            raise HookFailed(hook_caller.name, impl.plugin_name, exc) from exc
+
+
 @hookspec
 def pytest_detr_register_devices(register) -> None:
     """Registers or replaces device backends, before ``--xpu`` is resolved.

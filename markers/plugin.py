@@ -14,6 +14,7 @@ import pytest
 
 from markers import options, pytest_compat
 from markers.expectations import EXPECTED, Expectations, ExpectationsError
+from markers.hookspec import HookFailed, call_each
 from markers.options import MODEL_CONFIGS
 from markers.state import STATE, SuiteState, state, state_or_none
 from parity.faults import parse_faults
@@ -174,14 +175,10 @@ def device_under_test(config: pytest.Config):
 def register_devices(config: pytest.Config) -> None:
     """Calls each plugin's ``pytest_detr_register_devices``; one that raises is a usage error that
     names the plugin and the hook."""
-    for impl in reversed(config.hook.pytest_detr_register_devices.get_hookimpls()):
-        try:
-            impl.function(register=register_backend)
-        except DeviceError as exc:
-            raise pytest.UsageError(f"pytest_detr_register_devices in {impl.plugin_name}: {exc}") from None
-        except Exception as exc:
-            raise pytest.UsageError(f"pytest_detr_register_devices in {impl.plugin_name} raised "
-                                    f"{type(exc).__name__}: {exc}") from None
+    try:
+        call_each(config.hook.pytest_detr_register_devices, register=register_backend)
+    except HookFailed as failed:
+        raise pytest.UsageError(str(failed)) from None
 
 
 def load_expectations(config: pytest.Config) -> Optional[Expectations]:
@@ -295,8 +292,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if session.testscollected and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) \
             and faults_never_fired(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if unmatched_comparison(session.config) and session.config.getoption("--benchmark-compare-unmatched") == "error":
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if st:
+        st.unmatched_comparison = unmatched_comparison(session.config)
+        if st.unmatched_comparison and session.config.getoption("--benchmark-compare-unmatched") == "error":
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -311,10 +310,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         write_expectations_summary(terminalreporter, st.expectations)
     for api, instead in compat.fallbacks().items():
         terminalreporter.write_line(f"warning: {api} is missing in this torch; {instead}", yellow=True)
-    unmatched = unmatched_comparison(config)
-    if unmatched:
+    if st and st.unmatched_comparison:
         error = config.getoption("--benchmark-compare-unmatched") == "error"
-        terminalreporter.write_line(f"{'ERROR' if error else 'warning'}: {unmatched}", red=error, yellow=not error)
+        terminalreporter.write_line(f"{'ERROR' if error else 'warning'}: {st.unmatched_comparison}", red=error,
+                                    yellow=not error)
     missed = faults_never_fired(config)
     if missed and pytest_compat.session_of(terminalreporter).testscollected:
         terminalreporter.section("injected faults", red=True)

@@ -23,6 +23,7 @@ class SuiteState:
     parity_results: List[Dict[str, Any]] = field(default_factory=list)
     parity_report: Optional[Dict[str, Any]] = None
     report_error: Optional[str] = None  # why the parity report could not be written
+    unmatched_comparison: Optional[str] = None  # a --benchmark-compare that compared nothing, said once
     training_rows: List[Dict[str, Any]] = field(default_factory=list)
 
     @property

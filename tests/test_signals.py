@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_training_jobs import no_job_left
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,16 +38,7 @@ def test_sigterm_keeps_the_parts_that_finished(tmp_path):
 
 
 def job_running() -> bool:
-    from training.launch import JOB_ENV
-
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if JOB_ENV.encode() + b"=" in f.read():
-                    return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return not no_job_left()
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
