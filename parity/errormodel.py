@@ -33,12 +33,23 @@ inputs) the allowed absolute error is the largest of these components:
                half type itself, because the reference CPU kernel does: its layer-norm backward
                sums bf16 gradients into the float32 weight and bias gradients 4e4 to 8e4 float32
                units off (measured in ``amp``, oneDNN on or off).
+``reduction rms``  for fp32 sums, means, matmuls and 2-d convolutions and their gradients of at
+               least ``RMS_MIN_TERMS`` terms, a second test over the whole output: the RMS of the
+               error in units of ``sigma``, the standard deviation that a correct order which
+               rounds every running sum would reach on these terms (:mod:`parity.partial_sums`),
+               must stay below ``rms_limit(n)``, the ``1 - RMS_FALSE_RATE`` quantile of a
+               chi-square mean over n = min(elements, ``RMS_DOF_CAP``) degrees of freedom (1.44
+               for 64 elements or more, 4.89 for one). The worst case over every order grows with
+               K, real errors with sqrt(K): this test keeps a TF32 or bf16 rounding, or a 1e-4
+               bias, visible up to K = 1e6 (``docs/calibration.md``). A baseline whose own RMS is
+               more than half the limit (TF32 emulated) widens it to twice the baseline's.
 ``baseline``   ``BASELINE_FACTOR * max |B - G|``: a device may be as inexact as the trusted CPU
                baseline, up to twice its worst error (the multiplier of PyTorch's own fp32 accuracy
                check). This covers ops the model has no entry for.
 
-An op passes when every element is within its allowance: its *margin*, max |D - G| / allowance,
-is at most 1. Margins are reported for every op, with the component that set the allowance.
+An op passes when every element is within its allowance and its RMS within the reduction-rms
+limit: its *margin*, the larger of max |D - G| / allowance and RMS / limit, is at most 1.
+Margins are reported for every op, with the component that set the allowance.
 """
 import math
 from dataclasses import dataclass, field
@@ -46,7 +57,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 
+from . import partial_sums
 from .metrics import all_finite, as_numpy64
 
 ROUNDING_ULPS = 1.0
@@ -54,6 +67,13 @@ REFERENCE_ULPS = 1.0
 BASELINE_FACTOR = 2.0
 C_REDUCTION = 2.0
 FLOAT32_U = 2.0 ** -24
+# Below this many terms the worst case over all orders is within a few times the real error, and
+# TF32 inputs or a 1e-4 bias of a matmul exceed it (margins 6.9 and 2.4 at K = 2048).
+RMS_MIN_TERMS = 2048
+# One false failure in a million correct outputs under the rounding model, and at most 64
+# independent errors per output: outputs that share terms (equal columns) have fewer than they have elements.
+RMS_FALSE_RATE = 1e-6
+RMS_DOF_CAP = 64
 # Reductions whose reference CPU kernel accumulates half-precision operands in the half type.
 HALF_ACCUMULATION = ("native_layer_norm_backward",)
 
@@ -82,6 +102,8 @@ class Allowance:
 
     values: np.ndarray
     components: Dict[str, np.ndarray] = field(default_factory=dict)
+    sigma: Optional[np.ndarray] = None
+    rms_limit: float = math.inf
 
     @property
     def names(self) -> List[str]:
@@ -146,8 +168,12 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).abs()
 
 
-def _sum_terms(c: OpContext, m: torch.Tensor, k: float) -> torch.Tensor:
+def _sum_terms(c: OpContext, m: torch.Tensor, k: float, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reduction allowance of sums of ``k`` terms with absolute sums ``m``; where ``worst`` is
+    True, K u, the worst case of any order, instead of the probabilistic C sqrt(K) u."""
     terms = min(k, C_REDUCTION * math.sqrt(max(k, 1.0)))
+    if worst is not None and bool(worst.any()):
+        terms = torch.where(worst.reshape(m.shape), float(k), terms).to(torch.float64)
     m = m.to(torch.float64)
     if c.work_u <= FLOAT32_U:
         return c.u * terms * m
@@ -207,7 +233,10 @@ def _sum(c: OpContext) -> torch.Tensor:
     m = absx.sum(dim=dims, keepdim=keep) if dims not in (None, [], ()) else absx.sum()
     if c.name == "mean":
         m = m / _reduced_count(x, c.out)
-    return _sum_terms(c, m.reshape(c.out.shape), _reduced_count(x, c.out))
+    k = _reduced_count(x, c.out)
+    # Repeated terms may round the same way at every step, which the sqrt(K) bound does not model.
+    worst = partial_sums.repeated(partial_sums.as_rows(x, dims)) if k >= partial_sums.REPEATS else None
+    return _sum_terms(c, m.reshape(c.out.shape), k, worst)
 
 
 def _cumsum(c: OpContext) -> torch.Tensor:
@@ -362,6 +391,93 @@ def _fma(c: OpContext) -> Optional[torch.Tensor]:
     return None
 
 
+def rms_limit(elements: int) -> float:
+    """The largest RMS error, in units of sigma, that ``elements`` correct errors reach but with
+    probability ``RMS_FALSE_RATE``."""
+    dof = max(1, min(elements, RMS_DOF_CAP))
+    return math.sqrt(chi2.isf(RMS_FALSE_RATE, dof) / dof)
+
+
+def _plain_conv(c: OpContext) -> bool:
+    w = c.arg("weight")
+    return w is not None and w.dim() == 4 and c.arg("groups") == 1 and not c.arg("transposed")
+
+
+def _energy_matmul(c: OpContext) -> Optional[Tuple[torch.Tensor, int]]:
+    if c.name in ("mm", "bmm"):
+        a, b = c.arg("self"), c.arg("mat2")
+        return partial_sums.matmul(a, b, c.out), a.shape[-1]
+    batched = "batch1" in c.args
+    a, b = c.arg("batch1" if batched else "mat1"), c.arg("batch2" if batched else "mat2")
+    beta, alpha = float(c.arg("beta") or 1), float(c.arg("alpha") or 1)
+    offset = beta * c.arg("self") if beta else None
+    return partial_sums.matmul(a, b, c.out, alpha, offset), a.shape[-1] + 1
+
+
+def _energy_convolution(c: OpContext) -> Optional[Tuple[torch.Tensor, int]]:
+    if not _plain_conv(c):
+        return None
+    x, w = c.arg("input"), c.arg("weight")
+    geometry = [c.arg(n) for n in ("stride", "padding", "dilation")]
+    k = w.shape[1] * math.prod(w.shape[2:])
+    if c.name == "convolution":
+        bias = c.arg("bias")
+        total = c.out - bias.reshape(1, -1, 1, 1) if bias is not None else c.out
+        return partial_sums.convolution(x, w, *geometry, total), k
+    g = c.arg("grad_output")
+    if c.position == 0:
+        return partial_sums.conv_input_grad(g, x, w, *geometry, c.out), w.shape[0] * math.prod(w.shape[2:])
+    k = g.shape[0] * math.prod(g.shape[2:])
+    if c.position == 1:
+        return partial_sums.conv_weight_grad(g, x, w.shape, *geometry, c.out), k
+    return partial_sums.reduced(g, [0, 2, 3], c.out), k
+
+
+def _energy_sum(c: OpContext) -> Optional[Tuple[torch.Tensor, int]]:
+    x = c.arg("self")
+    dims = c.arg("dim")
+    k = int(_reduced_count(x, c.out))
+    dims = list(dims) if dims not in (None, [], ()) else []
+    if c.name == "mean":  # the sum's error over k, and one more rounding for the division
+        return partial_sums.reduced(x, dims, c.out * k) / k ** 2 + c.out.square(), k
+    return partial_sums.reduced(x, dims, c.out), k
+
+
+STATISTICAL: Dict[str, Callable[[OpContext], Optional[Tuple[torch.Tensor, int]]]] = {
+    "mm": _energy_matmul, "bmm": _energy_matmul, "addmm": _energy_matmul, "baddbmm": _energy_matmul,
+    "convolution": _energy_convolution, "convolution_backward": _energy_convolution,
+    "sum": _energy_sum, "mean": _energy_sum,
+}
+
+
+def terms_per_element(c: OpContext) -> int:
+    """The number of terms of each sum of output ``c.position`` of a reduction op, 0 otherwise."""
+    if c.name in ("mm", "bmm"):
+        return c.arg("self").shape[-1]
+    if c.name in ("addmm", "baddbmm"):
+        return c.arg("batch1" if "batch1" in c.args else "mat1").shape[-1] + 1
+    if c.name in ("convolution", "convolution_backward") and _plain_conv(c):
+        w = c.arg("weight")
+        if c.name == "convolution":
+            return w.shape[1] * math.prod(w.shape[2:])
+        g = c.arg("grad_output")
+        return w.shape[0] * math.prod(w.shape[2:]) if c.position == 0 else g.shape[0] * math.prod(g.shape[2:])
+    if c.name in ("sum", "mean"):
+        return int(_reduced_count(c.arg("self"), c.out))
+    return 0
+
+
+def _sigma(c: OpContext) -> Optional[torch.Tensor]:
+    """The standard deviation per element of a correct fp32 order's error, for the reduction-rms
+    test; None where the test does not apply."""
+    if c.name not in STATISTICAL or c.work_u > FLOAT32_U or c.dtype != torch.float32 or c.out is None:
+        return None
+    if terms_per_element(c) < RMS_MIN_TERMS:
+        return None
+    found = STATISTICAL[c.name](c)
+    return None if found is None else (c.u ** 2 / 3 * found[0]).sqrt()
+
+
 REDUCTIONS: Dict[str, Callable[[OpContext], torch.Tensor]] = {
     "mm": _matmul, "bmm": _matmul, "addmm": _addmm, "baddbmm": _addmm,
     "convolution": _convolution, "convolution_backward": _convolution_backward,
@@ -451,12 +567,17 @@ class ErrorModel:
                                                       and t.is_floating_point() else t for t in golden],
                             position, dtype, self.budgets, tuple(input_dtypes))
         parts = self._components(context, g, baseline)
+        sigma = _sigma(context) if context.position < len(context.outputs) else None
         factor = self.factors.get(context.name, 1.0)
         if factor != 1.0:
             parts = {k: v * factor for k, v in parts.items()}
         # NaN where an input is not finite: those positions are judged by their NaN/Inf layout
-        return Allowance.of({k: v if all_finite(v) else np.nan_to_num(v, nan=0.0, posinf=np.inf)
-                             for k, v in parts.items()}, g.numel())
+        allowance = Allowance.of({k: v if all_finite(v) else np.nan_to_num(v, nan=0.0, posinf=np.inf)
+                                  for k, v in parts.items()}, g.numel())
+        if sigma is not None:
+            allowance.sigma = np.nan_to_num(_numpy(sigma, g.shape) * factor, nan=np.inf, posinf=np.inf)
+            allowance.rms_limit = rms_limit(g.numel())
+        return allowance
 
     def _components(self, c: OpContext, g: torch.Tensor, baseline: torch.Tensor) -> Dict[str, np.ndarray]:
         absg = np.abs(g.numpy().reshape(-1))

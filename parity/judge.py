@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errormodel import Allowance
+from .errormodel import BASELINE_FACTOR, Allowance
 from .metrics import (
     TensorMetrics,
     all_finite,
@@ -117,6 +117,15 @@ def margin_of(difference: np.ndarray, allowed: np.ndarray) -> "tuple[float, int]
     return float(units[i]), i
 
 
+def rms_units(difference: np.ndarray, sigma: np.ndarray) -> float:
+    """The RMS of ``difference / sigma`` (0 where both are 0, infinite where only sigma is)."""
+    if difference.size == 0:
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        units = np.where(difference == 0, 0.0, difference / sigma)
+    return float(np.sqrt(np.mean(np.square(units))))
+
+
 def judge_float(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tensor, allowance: Allowance,
                 position: int = 0, kind: str = "float", check_dtype: bool = True) -> OutputJudgement:
     """Judges one floating output (any shape; all three the same shape) against ``allowance``
@@ -137,8 +146,16 @@ def judge_float(device: torch.Tensor, baseline: torch.Tensor, golden: torch.Tens
     margin, at = margin_of(d, allowed)
     base_margin, _ = margin_of(b, allowed)
     component = allowance.component(at if where is None else where[at]) if at >= 0 else ""
+    if allowance.sigma is not None:
+        sigma = allowance.sigma if where is None else allowance.sigma[where]
+        device_rms, baseline_rms = rms_units(d, sigma), rms_units(b, sigma)
+        limit = allowance.rms_limit * max(1.0, BASELINE_FACTOR * baseline_rms)
+        base_margin = max(base_margin, baseline_rms / limit)
+        if device_rms / limit > margin:
+            margin, component = device_rms / limit, "reduction rms"
     if verdict is None and not margin <= 1:
-        verdict = f"fail: error {margin:.3g}x its allowance ({component})"
+        what = "RMS error" if component == "reduction rms" else "error"
+        verdict = f"fail: {what} {margin:.3g}x its allowance ({component})"
     return OutputJudgement(position, kind, verdict is None, verdict or "pass", margin, component,
                            metrics_of_difference(d, g), rmse_of_difference(b), base_margin)
 
