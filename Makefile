@@ -31,11 +31,13 @@ lint: $(STAMP)
 conformance: $(STAMP)
 	$(VPY) -m pytest -m xpu --xpu $(XPU) $(PYTEST_ARGS)
 
-# The project's tests, then the tiny conformance run on cpu-alt (the CPU with other real kernels):
+# The project's tests, then the tiny conformance runs on cpu-alt (the CPU with other real kernels) and
+# cpu-splitk (its reductions in split-K and blocked orders):
 # a correct device that is not the baseline must pass, which the CPU compared with itself cannot show.
 test: $(STAMP)
 	$(VPY) -m pytest -m "not training" $(PYTEST_ARGS)
 	$(VPY) -m pytest -m xpu --xpu cpu-alt --model-config tiny --report-dir=reports/cpu-alt $(PYTEST_ARGS)
+	$(VPY) -m pytest -m xpu --xpu cpu-splitk --model-config tiny --report-dir=reports/cpu-splitk $(PYTEST_ARGS)
 
 # The oldest supported pair, as a vendor's Kunlunxin R300 stack has it: the compat tests and the tiny
 # conformance run on cpu-alt. Python 3.8 is python3.8 on PATH where it runs (a pyenv shim may not),

@@ -20,6 +20,8 @@ the process's peak since it started.
 ATen's native kernels) and one thread (sums, norms and matmuls split their work differently). It
 is a correct implementation that is not the baseline, so every machine can show that the parity
 rule passes a correct device: with ``cpu`` the device runs the baseline's own kernels.
+``cpu-splitk`` is a second one: the CPU's own kernels on pieces of each matmul, convolution and sum,
+added in fp32 (split-K and blocked orders, :mod:`runtime.splitk`).
 """
 import contextlib
 import importlib
@@ -36,6 +38,7 @@ from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Mapping,
 import torch
 
 from . import compat
+from .splitk import SplitK
 
 KNOWN_PLUGINS = ("torch_xmlir", "torch_npu", "torch_mlu", "torch_musa", "intel_extension_for_pytorch")
 PRIVATEUSE1 = "privateuse1"
@@ -325,6 +328,13 @@ class OtherCpuKernels(CpuBackend):
             torch.set_num_threads(threads)
 
 
+class SplitKCpuKernels(CpuBackend):
+    """``cpu-splitk``: the CPU with its reductions in split-K and blocked fp32 orders inside :meth:`kernels`."""
+
+    def kernels(self) -> ContextManager:
+        return SplitK()
+
+
 # In the order ``auto`` probes them when torch.accelerator is missing; the CPU comes last.
 BACKENDS: Dict[str, Backend] = {
     "cuda": CudaBackend(),
@@ -338,6 +348,7 @@ BACKENDS: Dict[str, Backend] = {
     PRIVATEUSE1: PrivateUse1Backend(),
     "cpu": CpuBackend(),
     "cpu-alt": OtherCpuKernels(),
+    "cpu-splitk": SplitKCpuKernels(),
 }
 
 

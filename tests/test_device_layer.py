@@ -55,7 +55,7 @@ class CountingCpu(CpuBackend):
 
 
 def test_the_registry_has_every_backend():
-    assert list(layer.BACKENDS) == ["cuda", "xpu", "npu", "mlu", "musa", "privateuse1", "cpu", "cpu-alt"]
+    assert list(layer.BACKENDS) == ["cuda", "xpu", "npu", "mlu", "musa", "privateuse1", "cpu", "cpu-alt", "cpu-splitk"]
     libraries = {name: b.dist_backend for name, b in layer.BACKENDS.items() if name != "privateuse1"}
     assert libraries == {
         "cuda": "nccl",
@@ -65,9 +65,10 @@ def test_the_registry_has_every_backend():
         "musa": "mccl",
         "cpu": "gloo",
         "cpu-alt": "gloo",
+        "cpu-splitk": "gloo",
     }
     assert layer.BACKENDS["privateuse1"].type == torch._C._get_privateuse1_backend_name()
-    assert layer.BACKENDS["cpu-alt"].type == "cpu" and layer.variants() == ["cpu-alt"]
+    assert layer.BACKENDS["cpu-alt"].type == "cpu" and layer.variants() == ["cpu-alt", "cpu-splitk"]
     assert [b.math_library for b in layer.BACKENDS.values()].count("cuda") == 1
     assert (
         layer.backend_for("cuda").math_library == "cuda" and Device(torch.device("cpu")).math_library() == "default"
@@ -104,13 +105,13 @@ def test_a_registered_backend_is_found_by_resolve_and_probed_by_auto(registry, m
 def test_a_registered_variant_is_selected_by_name(registry):
     variant = CountingCpu()
     register_backend("cpu-counting", variant)
-    assert layer.variants() == ["cpu-alt", "cpu-counting"] and "cpu-counting" in layer.VARIANTS
+    assert layer.variants() == ["cpu-alt", "cpu-splitk", "cpu-counting"] and "cpu-counting" in layer.VARIANTS
     xpu = resolve("cpu-counting")
     assert xpu.device == torch.device("cpu") and xpu.label == "cpu-counting" and xpu.backend is variant
     with xpu.kernels():
         pass
     assert variant.entered == 1
-    with pytest.raises(DeviceError, match="or cpu-alt, cpu-counting"):
+    with pytest.raises(DeviceError, match="or cpu-alt, cpu-splitk, cpu-counting"):
         resolve("no such thing")
 
 
@@ -150,7 +151,8 @@ def test_an_unknown_device_string_names_the_accepted_forms(spec, message):
         resolve(spec)
     assert message in str(error.value)
     assert (
-        "Accepted: auto, cpu, or a device string such as cuda, cuda:1, xpu, npu:0, or cpu-alt (available here: "
+        "Accepted: auto, cpu, or a device string such as cuda, cuda:1, xpu, npu:0, "
+        "or cpu-alt, cpu-splitk (available here: "
         in str(error.value)
     )
 
