@@ -136,6 +136,8 @@ class PartResult:
             "worst_op_margin": self.worst().margin if self.worst() else None,
             "worst_end_to_end_margin": worst_end.judgement.margin if worst_end else None,
             "ensemble_size": self.ensemble_size,
+            "tensors_judged": len(self.end_to_end),
+            "tensors_identical": sum(e.judgement.kind == "identical" for e in self.end_to_end),
             "ops_skipped": len(self.replay.skipped), "first_failure": self.first_failure,
             "ops": self.rows(), "whole_run": self.whole_run.as_dict() if self.whole_run else None,
             "end_to_end": [e.row() for e in self.end_to_end],

@@ -194,7 +194,12 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
         fail = next((e["first_failure"] for e in entries if e.get("first_failure")), None)
         failed = [e for e in entries if not e.get("passed")]
         status = "FAIL" if any(not e.get("expected_failure") for e in failed) else "XFAIL" if failed else "PASS"
-        line = f"{status} {part} [{precision}]: {checked} ops checked"
+        tensors = sum(e.get("tensors_judged") or 0 for e in entries)
+        if checked or not tensors:
+            line = f"{status} {part} [{precision}]: {checked} ops checked"
+        else:  # a whole run judged at its end only (several steps: no op-by-op replay)
+            line = (f"{status} {part} [{precision}]: {tensors} tensors judged end to end against the ensemble "
+                    f"({sum(e.get('tensors_identical') or 0 for e in entries)} bit-identical to the baseline)")
         if checked:
             line += f" ({same} bit-identical to the baseline)"
         if worst:

@@ -81,6 +81,15 @@ def test_summary_line_per_part_and_precision(results):
     assert "first failure: aten.native_layer_norm.default in 1: fail: NaN" in lines[1]
 
 
+def test_a_part_judged_only_at_its_end_says_how_many_tensors_were_judged(results):
+    entry = dict(results[2].to_dict("t::steps"), ops_checked=0, ops_identical=0, ops=[],
+                 tensors_judged=176, tensors_identical=2)
+    (line,) = summary_lines([entry])
+    assert line.startswith("PASS mlp [fp32]: 176 tensors judged end to end against the ensemble "
+                           "(2 bit-identical to the baseline), worst end-to-end margin "), line
+    assert "0 ops checked" not in line
+
+
 def test_reports_accumulate_the_newest_wins_and_a_corrupt_one_is_kept_aside(tmp_path, results):
     clean, broken, other = results
     assert write_report(tmp_path, [clean.to_dict("t::a"), broken.to_dict("t::b")])["warning"] is None
