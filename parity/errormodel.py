@@ -183,7 +183,8 @@ def _sum_terms(c: OpContext, m: torch.Tensor, k: float, worst: Optional[torch.Te
     True, K u, the worst case of any order, instead of the probabilistic C sqrt(K) u."""
     terms = min(k, C_REDUCTION * math.sqrt(max(k, 1.0)))
     if worst is not None and bool(worst.any()):
-        terms = torch.where(worst.reshape(m.shape), float(k), terms).to(torch.float64)
+        m = m.to(torch.float64)
+        terms = torch.where(worst.reshape(m.shape), torch.full_like(m, float(k)), torch.full_like(m, terms))
     m = m.to(torch.float64)
     if c.work_u <= FLOAT32_U:
         return c.u * terms * m
