@@ -1,11 +1,9 @@
 """Whole-run results judged against natural variability, as the CESM ensemble consistency test
 judges ports of chaotic codes: a part's final outputs and gradients (one forward and backward, or
 several optimizer steps) are compared with an ensemble of CPU runs whose weights and inputs carry
-ulp-level perturbations, whose elementwise functions are wrong by up to their documented
-budgets and whose other arithmetic ops are faithfully rounded, as a correct device may be by the
-error model (:meth:`~parity.errormodel.ErrorModel.correct_device_profile`): a real accelerator
-differs from the CPU in nearly every op, and members that differed only in weights, inputs and
-elementwise functions spread too little for it. Without the second, a part with no
+ulp-level perturbations and whose elementwise functions are wrong by up to their documented
+budgets, as a correct device may be by the error model
+(:meth:`~parity.errormodel.ErrorModel.correct_device_profile`). Without the second, a part with no
 weights (the sine position encoding) has no variability at all, and a device whose sine is within
 CUDA's documented 2 ulp would fail its output.
 

@@ -560,15 +560,12 @@ class ErrorModel:
 
     def correct_device_profile(self) -> List[str]:
         """Fault specs that make a run behave like a correct device by this model: every
-        elementwise function wrong by up to its documented budget, and every other arithmetic op
-        of ``FAITHFUL_OPS`` faithfully rounded (1 ulp). Without the second, a device that differs
-        from the CPU in every op fell outside an ensemble whose members differed only in their
-        weights, inputs and elementwise functions (r50, faithful rounding everywhere: a layer3
-        weight gradient at 1.06x the allowed RMSE)."""
-        ulps = {name: int(self.ulp_budget(name)) for name in set(self.budgets) | set(COMPOSED)}
-        for name in FAITHFUL_OPS:
-            ulps[name] = max(ulps.get(name, 0), 1)
-        return [f"aten.{name}:ulp={n}" for name, n in sorted(ulps.items()) if n > 0]
+        elementwise function wrong by up to its documented budget. (Members that also rounded
+        every op of ``FAITHFUL_OPS`` faithfully let r50's backbone pass under that profile, but
+        failed train 3 steps for r50 under it (3.53) and for tiny on cpu-splitk (2.94): after
+        AdamW the error is heavy-tailed and three members do not bound it; see docs/calibration.md.)"""
+        return [f"aten.{name}:ulp={int(self.ulp_budget(name))}"
+                for name in sorted(set(self.budgets) | set(COMPOSED)) if int(self.ulp_budget(name)) > 0]
 
     def allowance(self, op: str, args: Dict[str, Any], golden: Sequence[Optional[torch.Tensor]], position: int,
                   baseline: torch.Tensor, dtype: Optional[torch.dtype] = None,
