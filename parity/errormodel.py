@@ -414,47 +414,42 @@ def _plain_conv(c: OpContext) -> bool:
     return w is not None and w.dim() == 4 and c.arg("groups") == 1 and not c.arg("transposed")
 
 
-def _energy_matmul(c: OpContext) -> Optional[Tuple[torch.Tensor, int]]:
+def _energy_matmul(c: OpContext) -> torch.Tensor:
     if c.name in ("mm", "bmm"):
-        a, b = c.arg("self"), c.arg("mat2")
-        return partial_sums.matmul(a, b, c.out), a.shape[-1]
+        return partial_sums.matmul(c.arg("self"), c.arg("mat2"), c.out)
     batched = "batch1" in c.args
     a, b = c.arg("batch1" if batched else "mat1"), c.arg("batch2" if batched else "mat2")
     beta, alpha = float(c.arg("beta") or 1), float(c.arg("alpha") or 1)
     offset = beta * c.arg("self") if beta else None
-    return partial_sums.matmul(a, b, c.out, alpha, offset), a.shape[-1] + 1
+    return partial_sums.matmul(a, b, c.out, alpha, offset)
 
 
-def _energy_convolution(c: OpContext) -> Optional[Tuple[torch.Tensor, int]]:
-    if not _plain_conv(c):
-        return None
+def _energy_convolution(c: OpContext) -> torch.Tensor:
     x, w = c.arg("input"), c.arg("weight")
     geometry = [c.arg(n) for n in ("stride", "padding", "dilation")]
-    k = w.shape[1] * math.prod(w.shape[2:])
     if c.name == "convolution":
         bias = c.arg("bias")
         total = c.out - bias.reshape(1, -1, 1, 1) if bias is not None else c.out
-        return partial_sums.convolution(x, w, *geometry, total), k
+        return partial_sums.convolution(x, w, *geometry, total)
     g = c.arg("grad_output")
     if c.position == 0:
-        return partial_sums.conv_input_grad(g, x, w, *geometry, c.out), w.shape[0] * math.prod(w.shape[2:])
-    k = g.shape[0] * math.prod(g.shape[2:])
+        return partial_sums.conv_input_grad(g, x, w, *geometry, c.out)
     if c.position == 1:
-        return partial_sums.conv_weight_grad(g, x, w.shape, *geometry, c.out), k
-    return partial_sums.reduced(g, [0, 2, 3], c.out), k
+        return partial_sums.conv_weight_grad(g, x, w.shape, *geometry, c.out)
+    return partial_sums.reduced(g, [0, 2, 3], c.out)
 
 
-def _energy_sum(c: OpContext) -> Optional[Tuple[torch.Tensor, int]]:
-    x = c.arg("self")
-    dims = c.arg("dim")
-    k = int(_reduced_count(x, c.out))
+def _energy_sum(c: OpContext) -> torch.Tensor:
+    x, dims = c.arg("self"), c.arg("dim")
     dims = list(dims) if dims not in (None, [], ()) else []
     if c.name == "mean":  # the sum's error over k, and one more rounding for the division
-        return partial_sums.reduced(x, dims, c.out * k) / k ** 2 + c.out.square(), k
-    return partial_sums.reduced(x, dims, c.out), k
+        k = _reduced_count(x, c.out)
+        return partial_sums.reduced(x, dims, c.out * k) / k ** 2 + c.out.square()
+    return partial_sums.reduced(x, dims, c.out)
 
 
-STATISTICAL: Dict[str, Callable[[OpContext], Optional[Tuple[torch.Tensor, int]]]] = {
+# The energy (partial_sums) of each output element, for ops whose terms_per_element is known.
+STATISTICAL: Dict[str, Callable[[OpContext], torch.Tensor]] = {
     "mm": _energy_matmul, "bmm": _energy_matmul, "addmm": _energy_matmul, "baddbmm": _energy_matmul,
     "convolution": _energy_convolution, "convolution_backward": _energy_convolution,
     "sum": _energy_sum, "mean": _energy_sum,
@@ -483,10 +478,9 @@ def _sigma(c: OpContext) -> Optional[torch.Tensor]:
     test; None where the test does not apply."""
     if c.name not in STATISTICAL or c.work_u > FLOAT32_U or c.dtype != torch.float32 or c.out is None:
         return None
-    if terms_per_element(c) < RMS_MIN_TERMS:
+    if terms_per_element(c) < RMS_MIN_TERMS:  # 0 for convolutions the energy does not cover
         return None
-    found = STATISTICAL[c.name](c)
-    return None if found is None else (c.u ** 2 / 3 * found[0]).sqrt()
+    return (c.u ** 2 / 3 * STATISTICAL[c.name](c)).sqrt()
 
 
 REDUCTIONS: Dict[str, Callable[[OpContext], torch.Tensor]] = {
