@@ -264,8 +264,8 @@ def _end_to_end(golden: Callable[[], _Run], baseline: _Run, device: _Run,
 def _ensemble(part: str, source: torch.nn.Module, inputs: Any, run: RunFn, precision: Precision,
               device: Device, model: ErrorModel, seed: int, size: int) -> List[_Run]:
     """``size`` CPU runs in ``precision`` with weights and inputs moved by up to one ulp and the
-    elementwise functions perturbed like a correct device by ``model``, cached by part, precision, seed, model and the
-    content of weights and inputs."""
+    elementwise functions and reductions perturbed like a correct device by ``model``, cached by part,
+    precision, seed, model and the content of weights and inputs."""
     cpu = torch.device("cpu")
     autocast_dtype = precision.autocast_dtype(device.device)
     profile = model.correct_device_profile()

@@ -1,11 +1,13 @@
 """Whole-run results judged against natural variability, as the CESM ensemble consistency test
 judges ports of chaotic codes: a part's final outputs and gradients (one forward and backward, or
 several optimizer steps) are compared with an ensemble of CPU runs whose weights and inputs carry
-ulp-level perturbations and whose elementwise functions are wrong by up to their documented
-budgets, as a correct device may be by the error model
+ulp-level perturbations, whose elementwise functions are wrong by up to their documented budgets
+and whose sums, matmuls and convolutions carry a drawn error of another summation order
+(:mod:`parity.reorder`), as a correct device may be by the error model
 (:meth:`~parity.errormodel.ErrorModel.correct_device_profile`). Without the second, a part with no
 weights (the sine position encoding) has no variability at all, and a device whose sine is within
-CUDA's documented 2 ulp would fail its output.
+CUDA's documented 2 ulp would fail its output; without the third, a device that only sums in
+another order fails three training steps, whose cancelling weight gradients AdamW amplifies.
 
 An op-level allowance cannot judge these: AdamW divides by sqrt(v) and turns last-bit differences
 of near-zero gradients into changes of a whole learning rate, and after a deep network a legitimate

@@ -19,6 +19,7 @@ import torch
 from runtime import compat
 from runtime.faultspec import parse_kind
 
+from . import reorder
 from .precision import round_to_tf32
 from .ulp import perturb_ulps
 
@@ -31,12 +32,15 @@ KINDS = {
                     "as TF32 hardware does",
     "ulp": "ulp=<k>: moves each element by a uniform random whole number of ulps, at most k (a correct "
            "device's last-bit error), fixed seed",
+    "reorder": "reorder=<c>: adds c times a Gaussian draw of the error of summing in another order, "
+               "u sqrt(K E / (16 ln 2)) per element with E the sum of squared terms (mm, bmm, addmm, baddbmm, "
+               "convolution and its backward, sum, mean; see parity/reorder.py), fixed seed",
     "nan": "nan[=<fraction>]: one element (or that fraction of them) becomes NaN",
     "inf": "inf[=<fraction>]: one element (or that fraction of them) becomes +Inf",
     "zero": "zero[=<fraction>]: every element (or that fraction of them) becomes 0",
     "delay": "delay=<seconds>: sleeps after the op (a slow device, for benchmark gates)",
 }
-VALUE_REQUIRED = ("noise", "offset", "scale", "round", "round-inputs", "delay", "ulp")
+VALUE_REQUIRED = ("noise", "offset", "scale", "round", "round-inputs", "delay", "ulp", "reorder")
 # A spec may end with @k>=N (calls whose reduction has at least N terms) or @numel>=N (calls with at
 # least N output elements): a kernel that switches algorithm above a size.
 SIZES = ("k", "numel")
@@ -99,6 +103,21 @@ class FaultSpec:
             return self._round(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
         return compat.tree_map(rounded, (tuple(args), dict(kwargs)))
+
+    def reorder(self, func: torch._ops.OpOverload, args: Sequence, kwargs: dict, outputs):
+        """The outputs of a reduction moved by a draw of another summation order's error
+        (:mod:`parity.reorder`); other ops' outputs unchanged and not counted."""
+        terms = reorder.energies(func, args, kwargs)
+        if not any(terms):
+            return outputs
+        self.fired += 1
+        if len(self.fired_on) < 10:
+            self.fired_on.append(str(func))
+        single = not isinstance(outputs, (tuple, list))
+        moved = [reorder.draw(t, *terms[i], self.value, self._generator())
+                 if i < len(terms) and terms[i] is not None and isinstance(t, torch.Tensor) and t.is_floating_point()
+                 else t for i, t in enumerate([outputs] if single else outputs)]
+        return moved[0] if single else type(outputs)(moved)
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         if self.value == "tf32":
@@ -190,10 +209,13 @@ def parse_fault(spec: str, seed: int = 0) -> FaultSpec:
             raise ValueError(f"fault spec {spec!r}: value must be finite")
         if kind in ("nan", "inf", "zero") and not 0 < value <= 1:
             raise ValueError(f"fault spec {spec!r}: {kind} takes a fraction in (0, 1], got {raw}")
-        if kind in ("noise", "delay", "ulp") and value < 0:
+        if kind in ("noise", "delay", "ulp", "reorder") and value < 0:
             raise ValueError(f"fault spec {spec!r}: {kind} must not be negative, got {raw}")
         if kind == "ulp" and not value.is_integer():
             raise ValueError(f"fault spec {spec!r}: ulp counts whole ulps, got {raw}")
+    if kind == "reorder" and op != EVERY_OP and op.split(".")[1] not in reorder.COVERED:
+        raise ValueError(f"fault spec {spec!r}: reorder models the reductions {', '.join(reorder.COVERED)}; "
+                         f"{op} is not one of them")
     return FaultSpec(spec=spec.strip(), op=op, kind=kind, value=value, seed=seed, size=size, at_least=at_least)
 
 
@@ -282,7 +304,10 @@ def run_with_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, ar
                 args, kwargs = fault.round_inputs(func, args, kwargs)
     outputs = func(*args, **kwargs)
     for fault in active:
-        if fault.kind != "round-inputs" and fault.large_enough(func, args, outputs):
+        if fault.kind == "reorder" and fault.large_enough(func, args, outputs):
+            with compat.disable_current_modes():
+                outputs = fault.reorder(func, args, kwargs, outputs)
+        elif fault.kind != "round-inputs" and fault.large_enough(func, args, outputs):
             with compat.disable_current_modes():
                 outputs = fault.perturb(func, outputs)
     return outputs

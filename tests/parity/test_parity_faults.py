@@ -48,7 +48,8 @@ def test_parse_errors_say_what_is_accepted(spec, message):
 
 
 def test_every_kind_is_documented():
-    assert set(KINDS) == {"noise", "offset", "scale", "round", "round-inputs", "nan", "inf", "zero", "delay", "ulp"}
+    assert set(KINDS) == {"noise", "offset", "scale", "round", "round-inputs", "nan", "inf", "zero", "delay", "ulp",
+                          "reorder"}
 
 
 def _mm(a, b, spec):
