@@ -4,6 +4,7 @@
 - ulp profiles: every op of a class perturbed by a random error of up to its documented budget in
   ulps (``docs/accuracy.md``), in the device run and in replay, passes every part, end to
   end included. ``*:ulp=1`` is a device that rounds every op faithfully instead of correctly.
+- both at once: ``cpu-splitk`` under the faithful profile.
 
 The gray zone, where errors just above these must fail, is in ``tests/test_fault_catalogue.py``.
 """
@@ -57,3 +58,13 @@ def test_errors_within_documented_budgets_pass(parts, part, profile):
     assert result.passed, result.failure_message()
     if part == "train step":  # it runs every op class of the model
         assert all(f.fired for f in result.faults if f.op in ("*", "aten.rsqrt", "aten.sin", "aten.mm")), result.faults
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_device_that_sums_in_other_orders_and_rounds_every_op_faithfully_passes(parts, part):
+    """cpu-splitk's reductions in split-K and blocked orders, and every arithmetic op an ulp off:
+    the two ways an accelerator differs from the CPU at once."""
+    module, inputs, run = parts[part]
+    result = compare_part(part, module, inputs, run, "cpu-splitk", "fp32", PROFILES["faithful rounding of arithmetic"],
+                          **SUITE_PARTS[part].judge)
+    assert result.passed, result.failure_message()
