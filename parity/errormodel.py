@@ -201,10 +201,16 @@ def _matmul(c: OpContext) -> torch.Tensor:
     return _sum_terms(c, torch.matmul(_f32(a), _f32(b)), a.shape[-1])
 
 
+def _scalar(c: OpContext, name: str) -> float:
+    """addmm's beta or alpha: 1 when not given, and 0 when given as 0 (the input is then ignored)."""
+    value = c.arg(name)
+    return 1.0 if value is None else float(value)
+
+
 def _addmm(c: OpContext) -> torch.Tensor:
     batched = "batch1" in c.args
     a, b = c.arg("batch1" if batched else "mat1"), c.arg("batch2" if batched else "mat2")
-    beta, alpha = abs(float(c.arg("beta") or 1)), abs(float(c.arg("alpha") or 1))
+    beta, alpha = abs(_scalar(c, "beta")), abs(_scalar(c, "alpha"))
     m = alpha * torch.matmul(_f32(a), _f32(b)) + beta * _f32(c.arg("self"))
     return _sum_terms(c, m, a.shape[-1] + 1)
 
@@ -419,7 +425,7 @@ def _energy_matmul(c: OpContext) -> torch.Tensor:
         return partial_sums.matmul(c.arg("self"), c.arg("mat2"), c.out)
     batched = "batch1" in c.args
     a, b = c.arg("batch1" if batched else "mat1"), c.arg("batch2" if batched else "mat2")
-    beta, alpha = float(c.arg("beta") or 1), float(c.arg("alpha") or 1)
+    beta, alpha = _scalar(c, "beta"), _scalar(c, "alpha")
     offset = beta * c.arg("self") if beta else None
     return partial_sums.matmul(a, b, c.out, alpha, offset)
 

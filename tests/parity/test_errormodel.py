@@ -156,3 +156,12 @@ def test_allowance_names_its_component():
 def test_an_unknown_math_library_is_an_error_not_the_default_table():
     with pytest.raises(ValueError, match="no documented ULP table for the math library 'mkl'; known: cuda, default"):
         ErrorModel("mkl")
+
+
+def test_addmm_with_beta_zero_ignores_its_input_in_the_allowance():
+    """beta = 0 drops the input: a huge input must not widen the allowance of mat1 @ mat2."""
+    torch.manual_seed(0)
+    bias, a, b = torch.full((8, 8), 1e6), torch.randn(8, 64), torch.randn(64, 8)
+    addmm = lambda c, x, y: torch.addmm(c, x, y, beta=0)  # noqa: E731
+    assert judged(addmm, bias, a, b, device_fn=lambda t: (a.double() @ b.double()).float()).passed
+    assert not judged(addmm, bias, a, b, device_fn=lambda t: t * (1 + 1e-4)).passed
