@@ -9,11 +9,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
 from detr.config import CONFIGS
+from detr.data.batch import PARITY_IMAGES
 from parity.faults import KINDS
 from parity.spill import spill_enabled
 from runtime.device import BACKENDS, PRIVATEUSE1, VARIANTS
@@ -29,6 +30,8 @@ DEFAULT_STORAGE = "file://./.benchmarks"
 # (batch 8, COCO images resized to an 800 px short side); on the CPU something that ends in minutes.
 ACCELERATOR_DEFAULTS = (8, 800, 5)
 CPU_DEFAULTS = (2, 320, 1)
+
+REFERENCE_SIZE = (800, 1333)  # DETR's short side and its cap on the long side
 
 SYNTHETIC_TARGET = 0.25
 COCO_TARGET = 0.42  # FlagPerf's target for DETR on COCO
@@ -82,6 +85,12 @@ def _add_parity_options(group, parser: pytest.Parser) -> None:
     group.addoption("--expectations", default=None, metavar="FILE",
                     help="known failures of this device: one '<node id or pattern> <reason>' a line; they become "
                          "strict xfails")
+    group.addoption("--image-size", default=None, metavar="SHORT,MAX",
+                    help="parity images SHORT x MAX pixels, portrait and landscape in turn, or 'reference' for "
+                         f"{REFERENCE_SIZE[0]},{REFERENCE_SIZE[1]} (DETR's training size; default: the generated "
+                         "pair of 256x288 and 288x256, or COCO images resized to 256 at most 320)")
+    group.addoption("--batch-size", default=None, metavar="N",
+                    help=f"images in the parity batch (default {PARITY_IMAGES})")
     parser.addini("expectations", "default for --expectations, relative to the ini file", default=None)
 
 
@@ -202,6 +211,25 @@ def ints(option: str, value: str, least: int, example: str) -> List[int]:
         what = "a comma-separated list of integers" if many else "an integer"
         raise pytest.UsageError(f"{option} {value!r}: expected {what} >= {least}, e.g. {example}")
     return numbers
+
+
+def parity_batch_options(config: pytest.Config) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """``--batch-size`` and ``--image-size``: images in the parity batch, and (short, max) or None for
+    the default batch."""
+    batch, size = config.getoption("--batch-size"), config.getoption("--image-size")
+    images = ints("--batch-size", batch, 1, "2")[0] if batch is not None else PARITY_IMAGES
+    if size is None:
+        return images, None
+    if size == "reference":
+        return images, REFERENCE_SIZE
+    try:
+        short, longest = (int(v) for v in size.split(","))
+    except ValueError:
+        short = longest = 0
+    if short < 32 or longest < short:
+        raise pytest.UsageError(f"--image-size {size!r}: expected SHORT,MAX in pixels with 32 <= SHORT <= MAX, "
+                                f"e.g. 800,1333, or 'reference'")
+    return images, (short, longest)
 
 
 def bench_options(config: pytest.Config, accelerator: bool) -> BenchOptions:

@@ -119,12 +119,14 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         raise pytest.UsageError(f"--inject-fault: {exc}") from None
     options.check_report_dir(config.getoption("--report-dir"))
-    coco_batch = check_coco_path(config)
+    images, size = options.parity_batch_options(config)
+    coco_batch = check_coco_path(config, images, size)
     xpu = device_under_test(config)
     options.check_training_options(config)
     config.stash[STATE] = SuiteState(xpu=xpu, precisions=precisions, model_config=config.getoption("--model-config"),
                                      faults=faults, fault_fired=Counter({spec: 0 for spec in faults}),
-                                     coco_batch=coco_batch, expectations=load_expectations(config),
+                                     coco_batch=coco_batch, parity_images=images, parity_size=size,
+                                     expectations=load_expectations(config),
                                      bench=options.bench_options(config, xpu.accelerator))
     options.root_benchmark_storage(config)
     stop_on_sigterm_as_on_sigint()
@@ -142,9 +144,10 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
-def check_coco_path(config: pytest.Config):
-    """With ``--coco-path``, the parity batch, checked before any test runs: its images decode and
-    their annotations load. None without."""
+def check_coco_path(config: pytest.Config, images: int, size):
+    """With ``--coco-path``, the parity batch of ``images`` images resized to ``size`` (short, max;
+    None for the default), checked before any test runs: its images decode and their annotations
+    load. None without."""
     coco_path = config.getoption("--coco-path")
     if coco_path is None:
         return None
@@ -153,11 +156,12 @@ def check_coco_path(config: pytest.Config):
             f"--coco-path {coco_path!r}: no such folder (expected train2017/, val2017/, annotations/)"
         )
     from detr import get_config
-    from detr.data.batch import coco_parity_batch
+    from detr.data.batch import PARITY_SIZE, coco_parity_batch
     from detr.data.coco import DatasetError
 
     try:
-        return coco_parity_batch(coco_path, get_config(config.getoption("--model-config")).num_classes)
+        return coco_parity_batch(coco_path, get_config(config.getoption("--model-config")).num_classes, images,
+                                 size or PARITY_SIZE)
     except DatasetError as exc:
         raise pytest.UsageError(f"--coco-path {coco_path}: {exc}") from None
 

@@ -5,7 +5,7 @@ report hooks read and add to it. A session that failed before configuration has 
 """
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -18,6 +18,8 @@ class SuiteState:
     faults: List[str] = field(default_factory=list)
     fault_fired: Counter = field(default_factory=Counter)
     coco_batch: Optional[Any] = None  # detr.data.batch.CocoBatch with --coco-path
+    parity_images: int = 2  # --batch-size
+    parity_size: Optional[Tuple[int, int]] = None  # --image-size (short, max); None: the default batch
     expectations: Optional[Any] = None  # markers.expectations.Expectations with --expectations
     bench: Optional[Any] = None  # fixtures.benchmark.BenchOptions
     parity_results: List[Dict[str, Any]] = field(default_factory=list)

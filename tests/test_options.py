@@ -31,6 +31,10 @@ def pytest_run(*args, cwd=ROOT):
         (["--inject-fault", "aten.softmax:wobble"], "unknown kind 'wobble'"),
         (["--inject-fault", "softmax:nan"], "must be <namespace>.<op>[.<overload>]"),
         (["--inject-fault", "aten.exp:ulp=-1"], "ulp must not be negative"),
+        (["--image-size", "800"], "--image-size '800': expected SHORT,MAX in pixels with 32 <= SHORT <= MAX"),
+        (["--image-size", "1333,800"], "--image-size '1333,800': expected SHORT,MAX"),
+        (["--image-size", "16,16"], "--image-size '16,16': expected SHORT,MAX"),
+        (["--batch-size", "0"], "--batch-size '0': expected an integer >= 1, e.g. 2"),
         (["-m", "xpu and 3x8"], "3x8"),
     ],
 )

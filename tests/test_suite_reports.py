@@ -78,6 +78,12 @@ def test_coco_path_feeds_the_parity_batch_and_is_checked_before_any_test(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:]
     (entry,) = json.loads((tmp_path / "r" / "parity.json").read_text())["tests"]
     assert entry["notes"][0].startswith("inputs: validation images 0") and entry["notes"][0].endswith(f"of {coco}")
+    resized = run_suite(tmp_path / "s", "--coco-path", str(coco), "--image-size", "64,80", "--batch-size", "3",
+                        tests=("suite/test_backbone.py", "-m", "xpu"))
+    assert resized.returncode == 0, resized.stdout[-3000:]
+    (entry,) = json.loads((tmp_path / "s" / "parity.json").read_text())["tests"]
+    batch, _, height, width = (int(n) for n in entry["ops"][0]["shapes"][1:].split("]")[0].split(","))
+    assert batch == 3 and max(height, width) <= 80, entry["ops"][0]["shapes"]  # padded to the largest image
     annotations = coco / "annotations" / "instances_val2017.json"
     annotations.write_text(annotations.read_text()[:100])
     broken = run_suite(tmp_path / "r", "--coco-path", str(coco))
@@ -93,7 +99,8 @@ class _Options:
 
     def __init__(self, **given):
         self.values = {"--model-config": "tiny", "--report-dir": "my reports", "--xpu-plugin": ["torch_acme"],
-                       "--coco-path": None, "--expectations": None, **given}
+                       "--coco-path": None, "--expectations": None, "--image-size": None, "--batch-size": None,
+                       **given}
 
     def getoption(self, name):
         return self.values[name]
@@ -106,6 +113,17 @@ def test_the_rerun_command_carries_every_option_that_shaped_the_run():
     # an expectations file decides whether a failure is expected, which the report records
     assert rerun_options(_Options(**{"--coco-path": "/data/coco", "--expectations": "acme.txt"})).endswith(
         " --coco-path=/data/coco --expectations=acme.txt")
+    assert rerun_options(_Options(**{"--image-size": "reference", "--batch-size": "1"})).endswith(
+        " --image-size=reference --batch-size=1")
+
+
+def test_image_and_batch_size_shape_the_parity_batch(tmp_path):
+    result = run_suite(tmp_path, "--image-size", "96,128", "--batch-size", "3",
+                       tests=("suite/test_backbone.py", "-m", "xpu"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    (entry,) = json.loads((tmp_path / "parity.json").read_text())["tests"]
+    # portrait 128x96, landscape 96x128, portrait again: padded to 128 x 128
+    assert entry["ops"][0]["shapes"].startswith("[3,3,128,128] float32, ")
 
 
 DISK_FULL = """

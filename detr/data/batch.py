@@ -2,7 +2,7 @@
 suite's parity parts with ``--coco-path``)."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -30,11 +30,13 @@ class CocoBatch:
         return f"inputs: validation images {shown} of {self.root}"
 
 
-def coco_parity_batch(coco_path, num_classes: int, num_images: int = PARITY_IMAGES) -> CocoBatch:
+def coco_parity_batch(coco_path, num_classes: int, num_images: int = PARITY_IMAGES,
+                      size: Tuple[int, int] = PARITY_SIZE) -> CocoBatch:
     """The first ``num_images`` validation images by id that keep a ground-truth box after the
-    transforms. DatasetError names the file at fault: annotations that do not load, an image that
-    does not decode, categories the model cannot predict, too few images with boxes."""
-    dataset = build_dataset("val", coco_path, val_size=PARITY_SIZE[0], max_size=PARITY_SIZE[1])
+    transforms (resized to a short side of ``size[0]``, the long side at most ``size[1]``).
+    DatasetError names the file at fault: annotations that do not load, an image that does not
+    decode, categories the model cannot predict, too few images with boxes."""
+    dataset = build_dataset("val", coco_path, val_size=size[0], max_size=size[1])
     too_large = sorted(c for c in dataset.coco.cats if not 0 <= c < num_classes)
     if too_large:
         raise DatasetError(
