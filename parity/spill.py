@@ -36,9 +36,12 @@ class TensorStore:
     def put(self, t: torch.Tensor) -> "Stored":
         """Writes ``t`` (any device; a CPU copy's storage is written) and returns its handle."""
         t = t.detach()
-        if t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 and not (t.is_conj() or t.is_neg()):
+        flat = t.reshape(-1)
+        # one element is contiguous whatever its stride, and a strided view of bytes cannot be taken
+        if (t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 and flat.stride(0) == 1
+                and not (t.is_conj() or t.is_neg())):
             # written straight from the tensor's memory: the copy below would be one more pass over it
-            raw, stride, storage_offset = t.reshape(-1).view(torch.uint8), t.stride(), 0
+            raw, stride, storage_offset = flat.view(torch.uint8), t.stride(), 0
         else:
             copy = t.to("cpu", copy=True)
             raw = torch.empty(0, dtype=torch.uint8).set_(compat.untyped_storage(copy))

@@ -40,3 +40,19 @@ def test_suite_checks_parts_only_through_the_registry():
 
 def test_part_names_and_tests_are_unique():
     assert len({p.test for p in PARTS.values()}) == len(PARTS)
+
+
+@pytest.mark.parametrize("images", [1, 3])
+def test_every_part_builds_and_runs_on_a_batch_of_any_size(images):
+    """--batch-size N: one image has no padding (no mask to judge), three repeat the sizes."""
+    import torch
+
+    import detr
+    from fixtures.models import make_batch
+
+    torch.manual_seed(0)
+    model, criterion, postprocess = detr.build("tiny")
+    batch = make_batch(images, ((96, 64), (64, 96)))
+    for name, part in PARTS.items():
+        module, inputs = part.build((model.eval(), criterion, postprocess), batch)
+        assert part.run(module, inputs) is not None, name
