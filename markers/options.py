@@ -229,6 +229,9 @@ def parity_batch_options(config: pytest.Config) -> Tuple[int, Optional[Tuple[int
     if short < 32 or longest < short:
         raise pytest.UsageError(f"--image-size {size!r}: expected SHORT,MAX in pixels with 32 <= SHORT <= MAX, "
                                 f"e.g. 800,1333, or 'reference'")
+    if short == longest and images > 1:
+        raise pytest.UsageError(f"--image-size {size!r}: with {images} images SHORT must be below MAX, so that "
+                                "the batch has padding and the attention masks are judged")
     return images, (short, longest)
 
 

@@ -211,7 +211,7 @@ def _addmm(c: OpContext) -> torch.Tensor:
     batched = "batch1" in c.args
     a, b = c.arg("batch1" if batched else "mat1"), c.arg("batch2" if batched else "mat2")
     beta, alpha = abs(_scalar(c, "beta")), abs(_scalar(c, "alpha"))
-    m = alpha * torch.matmul(_f32(a), _f32(b)) + beta * _f32(c.arg("self"))
+    m = alpha * torch.matmul(_f32(a), _f32(b)) + (beta * _f32(c.arg("self")) if beta else 0.0)
     return _sum_terms(c, m, a.shape[-1] + 1)
 
 

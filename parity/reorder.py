@@ -57,7 +57,8 @@ def energies(func: torch._ops.OpOverload, args: Sequence, kwargs: dict) -> List[
     if name in ("addmm", "baddbmm"):
         beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
         product = torch.mm if name == "addmm" else torch.bmm
-        energy = product(_squared(args[1]), _squared(args[2])) * alpha ** 2 + _squared(args[0]) * beta ** 2
+        energy = product(_squared(args[1]), _squared(args[2])) * alpha ** 2
+        energy = energy + _squared(args[0]) * beta ** 2 if beta else energy  # beta = 0 ignores the input
         return [(energy, args[1].shape[-1] + 1)]
     if name == "convolution":
         x, w = args[0], args[1]

@@ -35,6 +35,7 @@ def pytest_run(*args, cwd=ROOT):
         (["--image-size", "1333,800"], "--image-size '1333,800': expected SHORT,MAX"),
         (["--image-size", "16,16"], "--image-size '16,16': expected SHORT,MAX"),
         (["--batch-size", "0"], "--batch-size '0': expected an integer >= 1, e.g. 2"),
+        (["--image-size", "256,256"], "--image-size '256,256': with 2 images SHORT must be below MAX"),
         (["-m", "xpu and 3x8"], "3x8"),
     ],
 )
