@@ -58,5 +58,6 @@ def main() -> None:
               f"min {min(margins[name]):.3f}")
     print(f"{(time.perf_counter() - start) / args.seeds:.0f} s per seed for the {len(DEVICES)} devices")
 
+
 if __name__ == "__main__":
     main()

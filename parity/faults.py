@@ -243,13 +243,10 @@ def reduction_length(func: torch._ops.OpOverload, args: Sequence, outputs=None) 
     if name in ("addmm", "baddbmm", "addbmm", "addmv"):
         return int(args[1].shape[-1])
     if name in ("convolution", "_convolution"):
-        weight, transposed, groups = args[1], args[6], args[8]
-        channels = weight.shape[0] // groups if transposed else weight.shape[1]
-        return int(channels * math.prod(weight.shape[2:]))
+        return reorder.convolution_terms(args[1], args[6], args[8])
     if name == "convolution_backward":
         grad, weight, transposed, groups = args[0], args[2], args[7], args[9]
-        input_terms = (weight.shape[1] if transposed else weight.shape[0] // groups) * math.prod(weight.shape[2:])
-        return int(max(input_terms, grad.shape[0] * math.prod(grad.shape[2:])))
+        return int(max(reorder.input_grad_terms(weight, transposed, groups), grad.shape[0] * math.prod(grad.shape[2:])))
     if outputs is None:
         return None
     inputs, results = _tensors(args), _tensors(outputs)
@@ -304,12 +301,10 @@ def run_with_faults(faults: Sequence[FaultSpec], func: torch._ops.OpOverload, ar
                 args, kwargs = fault.round_inputs(func, args, kwargs)
     outputs = func(*args, **kwargs)
     for fault in active:
-        if fault.kind == "reorder" and fault.large_enough(func, args, outputs):
+        if fault.kind != "round-inputs" and fault.large_enough(func, args, outputs):
             with compat.disable_current_modes():
-                outputs = fault.reorder(func, args, kwargs, outputs)
-        elif fault.kind != "round-inputs" and fault.large_enough(func, args, outputs):
-            with compat.disable_current_modes():
-                outputs = fault.perturb(func, outputs)
+                outputs = (fault.reorder(func, args, kwargs, outputs) if fault.kind == "reorder"
+                           else fault.perturb(func, outputs))
     return outputs
 
 

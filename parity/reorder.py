@@ -39,11 +39,16 @@ def _squared(t):
     return t * t
 
 
-def _summed_dims(x: torch.Tensor, dims) -> int:
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-        return x.numel()
-    dims = [dims] if isinstance(dims, int) else dims
-    return math.prod(x.shape[d] for d in dims)
+def convolution_terms(weight: torch.Tensor, transposed: bool, groups: int) -> int:
+    """Terms of each output element of a convolution: input channels per group times the kernel."""
+    channels = weight.shape[0] // groups if transposed else weight.shape[1]
+    return int(channels * math.prod(weight.shape[2:]))
+
+
+def input_grad_terms(weight: torch.Tensor, transposed: bool, groups: int) -> int:
+    """Terms of each element of a convolution's input gradient: output channels per group times the kernel."""
+    channels = weight.shape[1] if transposed else weight.shape[0] // groups
+    return int(channels * math.prod(weight.shape[2:]))
 
 
 def energies(func: torch._ops.OpOverload, args: Sequence, kwargs: dict) -> List[Optional[tuple]]:
@@ -62,14 +67,12 @@ def energies(func: torch._ops.OpOverload, args: Sequence, kwargs: dict) -> List[
         return [(energy, args[1].shape[-1] + 1)]
     if name == "convolution":
         x, w = args[0], args[1]
-        transposed, groups = args[6], args[8]
-        k = (w.shape[0] // groups if transposed else w.shape[1]) * math.prod(w.shape[2:])
-        return [(func(_squared(x), _squared(w), None, *args[3:]), k)]
+        return [(func(_squared(x), _squared(w), None, *args[3:]), convolution_terms(w, args[6], args[8]))]
     if name == "convolution_backward":
         grad, x, w = args[0], args[1], args[2]
         transposed, groups = args[7], args[9]
         squared = func(_squared(grad), _squared(x), _squared(w), *args[3:])
-        k_input = (w.shape[1] if transposed else w.shape[0] // groups) * math.prod(w.shape[2:])
+        k_input = input_grad_terms(w, transposed, groups)
         k_weight = grad.shape[0] * math.prod((x if transposed else grad).shape[2:])
         return [(squared[0], k_input) if squared[0] is not None else None,
                 (squared[1], k_weight) if squared[1] is not None else None,
@@ -79,10 +82,10 @@ def energies(func: torch._ops.OpOverload, args: Sequence, kwargs: dict) -> List[
         return []
     dims = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    k = _summed_dims(x, dims)
     squared = _squared(x)
     # a whole-tensor sum has one element whatever keepdim says; draw reshapes it to the output
     energy = squared.sum(dims, keepdim=keepdim) if dims is not None and len(dims) else squared.sum()
+    k = x.numel() // max(energy.numel(), 1)
     if name == "mean":
         energy = energy / (k * k)
     return [(energy, k)]

@@ -36,10 +36,9 @@ class TensorStore:
     def put(self, t: torch.Tensor) -> "Stored":
         """Writes ``t`` (any device; a CPU copy's storage is written) and returns its handle."""
         t = t.detach()
-        flat = t.reshape(-1)
+        flat = t.reshape(-1) if t.device.type == "cpu" and t.is_contiguous() else None  # a view, no copy
         # one element is contiguous whatever its stride, and a strided view of bytes cannot be taken
-        if (t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 and flat.stride(0) == 1
-                and not (t.is_conj() or t.is_neg())):
+        if flat is not None and t.numel() > 0 and flat.stride(0) == 1 and not (t.is_conj() or t.is_neg()):
             # written straight from the tensor's memory: the copy below would be one more pass over it
             raw, stride, storage_offset = flat.view(torch.uint8), t.stride(), 0
         else:
