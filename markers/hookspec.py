@@ -12,6 +12,9 @@ entry point) to extend the suite without editing it. Example, a conftest.py next
         if part == "transformer":
             model.scale("aten.bmm", 2.0, "split-K with 2 partial sums, VENDOR-42")
 
+    def pytest_detr_compile(fn, spec):  # --compile mybackend: the vendor's own compile call
+        return my_graph_compiler.compile(fn, **dict(spec.options))
+
 Each adjustment of the error model is listed in the parity report next to the part it applies to.
 """
 import pluggy
@@ -61,4 +64,17 @@ def pytest_detr_adjust_error_model(model, part: str, precision: str, device) -> 
     ``model.scale(op, factor, reason)`` to widen or tighten every allowance of one op. ``part`` is
     the part's name (``"transformer"``), ``precision`` one of fp32, tf32, amp, fp16, bf16, and
     ``device`` the :class:`runtime.device.Device` under test.
+    """
+
+
+@hookspec(firstresult=True)
+def pytest_detr_compile(fn, spec):
+    """Compiles one part's ``fn(module, inputs)`` for ``--compile``, or returns None to leave it to
+    ``torch.compile(fn, backend=spec.backend)``.
+
+    ``spec`` is the :class:`parity.compiled.CompileSpec` of the command line: ``backend``, ``mode``,
+    ``options`` (KEY=VALUE pairs) and ``fullgraph``. Return a callable with ``fn``'s signature. The
+    suite resets dynamo before each part, counts the graphs dynamo compiled, and judges the
+    compiled run's outputs and gradients against the CPU; ``compiled.*`` graph faults need the
+    suite's own ``torch.compile`` call (return None).
     """

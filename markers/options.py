@@ -92,6 +92,24 @@ def _add_parity_options(group, parser: pytest.Parser) -> None:
     group.addoption("--batch-size", default=None, metavar="N",
                     help=f"images in the parity batch (default {PARITY_IMAGES})")
     parser.addini("expectations", "default for --expectations, relative to the ini file", default=None)
+    _add_compile_options(group, parser)
+
+
+def _add_compile_options(group, parser: pytest.Parser) -> None:
+    group.addoption("--compile", default=None, metavar="BACKEND",
+                    help="also run the device side of every part through torch.compile with this backend (inductor, "
+                         "aot_eager, a vendor's registered one) and judge the compiled outputs and gradients; the CPU "
+                         "references stay eager")
+    group.addoption("--compile-mode", default=None, metavar="MODE",
+                    help="torch.compile's mode with --compile (inductor: default, reduce-overhead, max-autotune, ...)")
+    group.addoption("--compile-options", action="append", default=[], metavar="KEY=VALUE",
+                    help="a backend option with --compile (inductor: a torch._inductor.config key); repeatable")
+    group.addoption("--compile-optimizer", action="store_true", default=False,
+                    help="with --compile, compile the optimizer's step too (default: it runs eagerly, since "
+                         "dynamo's AdamW computes its bias correction in float32; see docs/compile.md)")
+    group.addoption("--compile-fullgraph", action="store_true", default=False,
+                    help="with --compile, a graph break fails the part, naming the break and its source line")
+    parser.addini("compile", "default for --compile: a torch.compile backend", default=None)
 
 
 def _add_bench_options(group) -> None:
@@ -144,6 +162,24 @@ def _add_training_options(group) -> None:
                     help="training: absolute AP allowed on top of the verdict (default: 0 against reference seeds, "
                          f"whose prediction interval covers run-to-run spread; {TOLERANCE} against one curve or a "
                          "target)")
+
+
+def compile_spec(config: pytest.Config, compiler=None):
+    """``--compile`` and its options as a :class:`parity.compiled.CompileSpec`, or None without
+    ``--compile`` (or the ini's ``compile``); a bad value is a usage error that says what is accepted."""
+    from parity.compiled import CompileError, make_spec
+
+    backend = config.getoption("--compile") or config.getini("compile") or None
+    if backend is None:
+        for name in ("--compile-mode", "--compile-options", "--compile-fullgraph", "--compile-optimizer"):
+            if config.getoption(name):
+                raise pytest.UsageError(f"{name} needs --compile BACKEND")
+        return None
+    try:
+        return make_spec(backend, config.getoption("--compile-mode"), config.getoption("--compile-options"),
+                         config.getoption("--compile-fullgraph"), compiler, config.getoption("--compile-optimizer"))
+    except CompileError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def check_report_dir(path: str) -> None:

@@ -17,6 +17,7 @@ from markers.expectations import EXPECTED, Expectations, ExpectationsError
 from markers.hookspec import HookFailed, call_each
 from markers.options import MODEL_CONFIGS
 from markers.state import STATE, SuiteState, state, state_or_none
+from parity.compiled import is_graph_fault, parse_graph_fault
 from parity.faults import parse_faults
 from parity.report import summary_lines, write_report
 from runtime import compat
@@ -114,22 +115,49 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--model-config {config.getoption('--model-config')!r}: "
                                 f"expected {' or '.join(MODEL_CONFIGS)}")
     precisions = parse_precisions(config.getoption("--precision"))
-    try:
-        faults = [f.spec for f in parse_faults(config.getoption("inject_fault"))]
-    except ValueError as exc:
-        raise pytest.UsageError(f"--inject-fault: {exc}") from None
+    faults = checked_faults(config)
     options.check_report_dir(config.getoption("--report-dir"))
     images, size = options.parity_batch_options(config)
     coco_batch = check_coco_path(config, images, size)
     xpu = device_under_test(config)
     options.check_training_options(config)
+    spec = options.compile_spec(config, vendor_compiler(config))
+    if spec is None and any(is_graph_fault(f) for f in faults):
+        raise pytest.UsageError("--inject-fault compiled.*: a graph fault needs --compile BACKEND")
     config.stash[STATE] = SuiteState(xpu=xpu, precisions=precisions, model_config=config.getoption("--model-config"),
                                      faults=faults, fault_fired=Counter({spec: 0 for spec in faults}),
                                      coco_batch=coco_batch, parity_images=images, parity_size=size,
                                      expectations=load_expectations(config),
-                                     bench=options.bench_options(config, xpu.accelerator))
+                                     bench=options.bench_options(config, xpu.accelerator), compile=spec)
     options.root_benchmark_storage(config)
     stop_on_sigterm_as_on_sigint()
+
+
+def checked_faults(config: pytest.Config) -> list:
+    """The ``--inject-fault`` specs, each parsed: aten faults and ``compiled.*`` graph faults."""
+    specs = config.getoption("inject_fault")
+    try:
+        graph = [parse_graph_fault(s).spec for s in specs if is_graph_fault(s)]
+        return [f.spec for f in parse_faults([s for s in specs if not is_graph_fault(s)])] + graph
+    except ValueError as exc:
+        raise pytest.UsageError(f"--inject-fault: {exc}") from None
+
+
+def vendor_compiler(config: pytest.Config):
+    """A compile call for ``--compile`` from the plugins' ``pytest_detr_compile``, or None. The hook
+    is asked per part: a plugin that implements it may still return None for a backend it leaves to
+    torch.compile."""
+    hook = config.hook.pytest_detr_compile
+    if not hook.get_hookimpls():
+        return None
+
+    def compiler(fn, spec):
+        try:
+            return hook(fn=fn, spec=spec)
+        except Exception as exc:
+            raise RuntimeError(f"pytest_detr_compile raised {type(exc).__name__}: {exc}") from exc
+
+    return compiler
 
 
 def stop_on_sigterm_as_on_sigint() -> None:

@@ -22,6 +22,16 @@ from runtime.device import Device, resolve
 
 from . import ensemble
 from .capture import Trace, capture, cpu_copy
+from .compiled import (
+    CompileSpec,
+    CompileStats,
+    GraphFault,
+    compiled_run,
+    count_breaks,
+    fullgraph_failure,
+    is_graph_fault,
+    parse_graph_fault,
+)
 from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, identical, identical_judgement, judge_integer
@@ -59,10 +69,13 @@ class PartResult:
     notes: List[str] = field(default_factory=list)
     rerun_options: str = ""
     ensemble_size: int = 0
+    compiled: List[EndToEnd] = field(default_factory=list)  # the compiled run's outputs and gradients
+    compile_stats: Optional[CompileStats] = None
+    graph_faults: List[GraphFault] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.replay.passed and all(e.judgement.passed for e in self.end_to_end)
+        return self.replay.passed and all(e.judgement.passed for e in self.end_to_end + self.compiled)
 
     @property
     def ops_checked(self) -> int:
@@ -70,7 +83,7 @@ class PartResult:
 
     @property
     def never_fired(self) -> List[str]:
-        return [f.spec for f in never_fired(self.faults)]
+        return [f.spec for f in never_fired(self.faults)] + [f.spec for f in self.graph_faults if not f.fired]
 
     @property
     def first_failure(self) -> Optional[dict]:
@@ -79,13 +92,15 @@ class PartResult:
         check = self.replay.first_failure
         if check is not None:
             return {**_failure_fields(check.row()), "source": "isolated replay"}
-        failing = [e for e in self.end_to_end if not e.judgement.passed]
-        if not failing:
-            return None
-        end = failing[0].row()
-        return {"index": None, "op": None, "overload": None, "module": failing[0].name, "phase": "end-to-end",
-                "shapes": None, **{k: end.get(k) for k in ("max_abs", "max_rel", "cosine", "rmse", "margin")},
-                "verdict": end["verdict"], "source": "end-to-end"}
+        for source, rows in (("end-to-end", self.end_to_end), ("compiled graph", self.compiled)):
+            failing = [e for e in rows if not e.judgement.passed]
+            if failing:
+                end = failing[0].row()
+                return {"index": None, "op": None, "overload": None, "module": failing[0].name, "phase": source,
+                        "shapes": None,
+                        **{k: end.get(k) for k in ("max_abs", "max_rel", "cosine", "rmse", "margin")},
+                        "verdict": end["verdict"], "source": source}
+        return None
 
     def rows(self) -> List[dict]:
         return [c.row() for c in self.replay.checks]
@@ -94,12 +109,12 @@ class PartResult:
         return self.replay.worst()
 
     def worst_end_to_end(self) -> Optional[EndToEnd]:
-        judged = [e for e in self.end_to_end if e.judgement.kind != "identical"]
+        judged = [e for e in self.end_to_end + self.compiled if e.judgement.kind != "identical"]
         return max(judged, key=lambda e: e.judgement.margin, default=None)
 
     def rerun_command(self, nodeid: Optional[str] = None) -> str:
         target = shlex.quote(nodeid) if nodeid else "<test id>"
-        faults = "".join(f" --inject-fault {shlex.quote(f.spec)}" for f in self.faults)
+        faults = "".join(f" --inject-fault {shlex.quote(f.spec)}" for f in list(self.faults) + list(self.graph_faults))
         extra = f" {self.rerun_options}" if self.rerun_options else ""
         return f"pytest {target} --xpu {self.device} --precision {self.precision}{extra}{faults}"
 
@@ -121,8 +136,11 @@ class PartResult:
                          f"error {fail['margin']:.3g}x its allowance")
         lines.append(f"  verdict: {fail['verdict']}")
         lines.append(f"  {self.ops_checked} ops checked, {sum(not c.passed for c in self.replay.checks)} failed")
-        if self.faults:
-            lines.append("  injected faults: " + ", ".join(f"{f.spec} (fired {f.fired}x)" for f in self.faults))
+        if self.faults or self.graph_faults:
+            lines.append("  injected faults: " + ", ".join(f"{f.spec} (fired {f.fired}x)"
+                                                          for f in list(self.faults) + list(self.graph_faults)))
+        if self.compile_stats is not None:
+            lines.append(f"  compiled with {self.compile_stats.summary()}")
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  re-run: {self.rerun_command(nodeid)}")
         return "\n".join(lines)
@@ -141,8 +159,12 @@ class PartResult:
             "ops_skipped": len(self.replay.skipped), "first_failure": self.first_failure,
             "ops": self.rows(), "whole_run": self.whole_run.as_dict() if self.whole_run else None,
             "end_to_end": [e.row() for e in self.end_to_end],
-            "faults": [{"spec": f.spec, "fired": f.fired} for f in self.faults],
+            "faults": [{"spec": f.spec, "fired": f.fired} for f in list(self.faults) + list(self.graph_faults)],
             "notes": list(self.notes),
+            "compiled": self.compile_stats.as_dict() if self.compile_stats else None,
+            "compiled_end_to_end": [e.row() for e in self.compiled],
+            "worst_compiled_margin": max((e.judgement.margin for e in self.compiled
+                                          if e.judgement.kind != "identical"), default=None),
         }
 
 
@@ -305,6 +327,7 @@ class _Comparison:
     seed: int
     trace_keep: Optional[str]
     ensemble_size: int
+    graph_faults: List[GraphFault] = field(default_factory=list)
     golden: Optional[_Run] = None
     members: List[_Run] = field(default_factory=list)
 
@@ -322,6 +345,16 @@ class _Comparison:
         with self.dut.kernels():
             return _execute(module, inputs, self.run, self.dut.device, self.precision.backend(self.dut.device),
                             self.precision.autocast(self.dut.device), self.seed, self.trace_keep, self.faults)
+
+    def compiled_device_run(self, spec: CompileSpec, stats: CompileStats) -> _Run:
+        """The device's run through ``torch.compile`` with the graph faults, captured by nothing: an
+        active dispatch mode (capture, an aten fault) would make dynamo run the frame eagerly."""
+        module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
+        count_breaks(self.run, copy.deepcopy(module), copy.deepcopy(inputs), stats)
+        run = compiled_run(spec, self.run, self.graph_faults, stats)
+        with self.dut.kernels():
+            return _execute(module, inputs, run, self.dut.device, self.precision.backend(self.dut.device),
+                            self.precision.autocast(self.dut.device), self.seed, None, ())
 
     def golden_run(self) -> _Run:
         """The float64 CPU run (fp32 backend switches, no autocast)."""
@@ -349,10 +382,12 @@ def _setup(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Modul
     dut = device if isinstance(device, Device) else (resolve(device) if isinstance(device, str) else Device(device))
     precision = precision if isinstance(precision, Precision) else Precision(precision)
     model = model or ErrorModel(dut.math_library())
-    faults = parse_faults(faults)
+    specs = [f if isinstance(f, str) else f.spec for f in faults]
+    graph_faults = [parse_graph_fault(f) for f in specs if is_graph_fault(f)]
+    faults = parse_faults([f for f in specs if not is_graph_fault(f)])
     source = build if isinstance(build, torch.nn.Module) else build()
     return _Comparison(part, copy.deepcopy(source).cpu(), inputs, run, dut, precision, model, faults, seed,
-                       trace_keep, ensemble_size)
+                       trace_keep, ensemble_size, graph_faults)
 
 
 def _notes(same: bool, replayed: ReplayResult, whole: Optional[WholeRun], faults: Sequence[FaultSpec]) -> List[str]:
@@ -381,7 +416,7 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
                  run: RunFn, device: Union[str, torch.device, Device], precision: Union[str, Precision],
                  faults: Sequence[Union[str, FaultSpec]] = (), model: Optional[ErrorModel] = None, *,
                  seed: int = 0, keep: str = "outputs", whole_run: bool = True, replay_ops: bool = True,
-                 ensemble_size: int = ensemble.ENSEMBLE_SIZE) -> PartResult:
+                 ensemble_size: int = ensemble.ENSEMBLE_SIZE, compile: Optional[CompileSpec] = None) -> PartResult:
     """Checks one part on ``device`` (a torch device, a device string such as ``cpu-alt``, or a
     :class:`~runtime.device.Device`) in ``precision``.
 
@@ -393,7 +428,10 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     op's allowance (default: the device's table). ``keep`` is what the golden and device traces
     hold for the whole-run comparison (``"outputs"`` or ``"stats"``). ``replay_ops=False`` skips
     isolated replay: only the final outputs and gradients (and the whole run, if asked) are judged,
-    for long runs whose every op another check already replays.
+    for long runs whose every op another check already replays. ``compile`` runs the device once
+    more through ``torch.compile`` (:mod:`parity.compiled`) and judges that run's outputs and
+    gradients end to end too; faults ``compiled.*`` apply to its graphs only, aten faults to the
+    eager run and replay only.
     """
     job = _setup(part, build, inputs, run, device, precision, faults, model, seed, keep if whole_run else None,
                  ensemble_size)
@@ -406,6 +444,28 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     # check by construction: the float64 golden and the ensemble were then not needed.
     same = all(e.judgement.kind == "identical" for e in end_to_end)
     whole = compare_runs(job.golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
-    return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults,
-                      _notes(same, replayed, whole, job.faults),
-                      ensemble_size=len(job.members) + 1 if job.members else 0)
+    notes = _notes(same, replayed, whole, job.faults)
+    compiled, stats = _compiled(job, compile, baseline, notes) if compile is not None else ([], None)
+    return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults, notes,
+                      ensemble_size=len(job.members) + 1 if job.members else 0, compiled=compiled,
+                      compile_stats=stats, graph_faults=job.graph_faults)
+
+
+def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[str]):
+    """The compiled run judged end to end (each name prefixed ``compiled``), and what it compiled."""
+    stats = CompileStats(spec.backend)
+    run = job.compiled_device_run(spec, stats)
+    judged = [EndToEnd(f"compiled {e.name}", e.judgement)
+              for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
+    broken = fullgraph_failure(stats) if spec.fullgraph else None
+    if broken:
+        judged.insert(0, EndToEnd("compiled graph", OutputJudgement(0, "structure", False, broken, float("inf"))))
+    if not stats.graphs:
+        judged.insert(0, EndToEnd("compiled graph", OutputJudgement(
+            0, "structure", False, "fail: torch.compile compiled no graph: dynamo ran every frame eagerly (it does "
+            "under an active TorchDispatchMode, such as cpu-splitk's)", float("inf"))))
+    notes.append(f"compiled with {stats.summary()}")
+    notes += [f"graph break: {b.text()}" for b in dict.fromkeys(stats.breaks)]
+    notes += [f"fault {f.spec!r} never fired: no node of the compiled graphs matches it"
+              for f in job.graph_faults if not f.fired]
+    return judged, stats

@@ -179,6 +179,18 @@ def write_report(directory: PathLike, tests: Iterable[Any], name: str = "parity"
                 "plots": write_plots(directory, tests), "entries": entries, "warning": warning}
 
 
+def _compiled_summary(entries: List[dict]) -> str:
+    """``, compiled with inductor: 1 graph(s), 0 break(s), worst margin 0.31`` for parts run with
+    ``--compile``; empty otherwise."""
+    compiled = [e["compiled"] for e in entries if e.get("compiled")]
+    if not compiled:
+        return ""
+    margins = [e["worst_compiled_margin"] for e in entries if isinstance(e.get("worst_compiled_margin"), float)]
+    worst = f"worst margin {_num(max(margins))}" if margins else "bit-identical to the baseline"
+    return (f", compiled with {compiled[0]['backend']}: {sum(c['graphs'] for c in compiled)} graph(s), "
+            f"{sum(c['breaks'] for c in compiled)} break(s), {worst}")
+
+
 def summary_lines(tests: Iterable[Any]) -> List[str]:
     """One line per (part, precision): ops checked, the worst op margin and its op, the worst
     end-to-end margin, the first failure."""
@@ -209,6 +221,7 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
         ]
         if ends:
             line += f", worst end-to-end margin {_num(max(ends))}"
+        line += _compiled_summary(entries)
         errors = [e["error"] for e in entries if e.get("error")]
         if errors:
             line += f", error: {errors[0]}"

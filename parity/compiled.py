@@ -1,0 +1,339 @@
+"""A part's device run through ``torch.compile``: the compile call, what it compiled (graphs, breaks
+with their reasons and source lines, recompilations, compile time apart from run time), and faults
+that only a compiler makes, applied as passes over the graph that dynamo hands the backend.
+
+The baseline, the golden and the ensemble stay eager on the CPU. :func:`parity.compare.compare_part`
+runs the device twice when a :class:`CompileSpec` is given: eagerly, judged as without it (op by op
+and end to end), and compiled, whose outputs, gradients and parameters are judged end to end
+against the same golden and ensemble.
+
+Graph faults, ``compiled.<function or method>:<kind>[=<value>]``, each a miscompilation seen in the
+wild: ``compiled.layer_norm:eps=10`` (a decomposition with ten times the epsilon),
+``compiled.softmax:dtype=bf16`` (a fused softmax computed in bf16), ``compiled.mul:scalar=drop`` (a
+pass that loses a constant scale, such as the sine encoding's 2 pi), ``compiled.linear:dtype=bf16``
+(a fused reduction in bf16). They rewrite every matching node of every graph; a node matches by its
+function's or method's name in dynamo's graph, before the backend's decompositions (so ``softmax``
+inside ``multi_head_attention_forward``, one node there, is out of reach).
+"""
+import contextlib
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from runtime.faultspec import parse_kind
+
+PREFIX = "compiled."
+GRAPH_KINDS = {
+    "eps": "eps=<factor>: multiplies the node's eps argument (a wrong decomposition of a norm)",
+    "dtype": "dtype=bf16|fp16: computes the node in that dtype (a fused kernel in low precision)",
+    "scalar": "scalar=drop|double: a number operand replaced by 1, or applied twice (a lost or repeated scale)",
+}
+GRAPH_GRAMMAR = f"{PREFIX}<function or method>:<kind>=<value>, kinds {', '.join(GRAPH_KINDS)}"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CompileError(Exception):
+    """torch.compile cannot run as asked: no torch.compile, an unknown backend, a bad option."""
+
+
+@dataclass
+class GraphFault:
+    """One parsed graph fault; ``fired`` counts the nodes it rewrote."""
+
+    spec: str
+    target: str
+    kind: str
+    value: Any
+    fired: int = 0
+
+    def matches(self, node) -> bool:
+        if node.op == "call_method":
+            return node.target == self.target
+        return node.op == "call_function" and getattr(node.target, "__name__", None) == self.target
+
+    def rewrite(self, graph, node) -> bool:
+        """Rewrites ``node`` in ``graph``; False where the node has no such argument."""
+        return _REWRITES[self.kind](self, graph, node)
+
+
+def is_graph_fault(spec: str) -> bool:
+    return spec.strip().startswith(PREFIX)
+
+
+def parse_graph_fault(spec: str) -> GraphFault:
+    """``compiled.softmax:dtype=bf16`` -> GraphFault; ValueError says what is accepted."""
+    body, sep, rest = spec.strip()[len(PREFIX):].partition(":")
+    if not sep or not body or not rest:
+        raise ValueError(f"fault spec {spec!r}: expected {GRAPH_GRAMMAR}")
+    kind, _, raw = parse_kind(rest, GRAPH_KINDS, spec, needs_value=GRAPH_KINDS)
+    if kind == "dtype":
+        if raw not in DTYPES:
+            raise ValueError(f"fault spec {spec!r}: dtype must be one of {', '.join(DTYPES)}")
+        return GraphFault(spec, body, kind, DTYPES[raw])
+    if kind == "scalar":
+        if raw not in ("drop", "double"):
+            raise ValueError(f"fault spec {spec!r}: scalar must be drop or double")
+        return GraphFault(spec, body, kind, raw)
+    try:
+        return GraphFault(spec, body, kind, float(raw))
+    except ValueError:
+        raise ValueError(f"fault spec {spec!r}: {kind} needs a number, got {raw!r}") from None
+
+
+def _eps(fault: GraphFault, graph, node) -> bool:
+    if "eps" in node.kwargs:
+        node.kwargs = {**node.kwargs, "eps": node.kwargs["eps"] * fault.value}
+        return True
+    if node.target is torch.nn.functional.layer_norm and len(node.args) == 5:
+        node.args = node.args[:4] + (node.args[4] * fault.value,)
+        return True
+    return False
+
+
+def _floating(arg) -> bool:
+    value = arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _dtype(fault: GraphFault, graph, node) -> bool:
+    out = node.meta.get("example_value")
+    tensors = [a for a in node.args if _floating(a)]
+    if not tensors or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return False
+    for arg in dict.fromkeys(tensors):
+        with graph.inserting_before(node):
+            low = graph.call_method("to", (arg, fault.value))
+        node.replace_input_with(arg, low)
+    with graph.inserting_after(node):
+        back = graph.call_method("to", (node, out.dtype))
+    node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+    return True
+
+
+def _scalar(fault: GraphFault, graph, node) -> bool:
+    numbers = [i for i, a in enumerate(node.args) if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if not numbers or not any(isinstance(a, torch.fx.Node) for a in node.args):
+        return False
+    args = list(node.args)
+    args[numbers[0]] = 1.0 if fault.value == "drop" else args[numbers[0]] ** 2
+    node.args = tuple(args)
+    return True
+
+
+_REWRITES = {"eps": _eps, "dtype": _dtype, "scalar": _scalar}
+
+
+def apply_graph_faults(gm: torch.fx.GraphModule, faults: Sequence[GraphFault]) -> None:
+    """Rewrites ``gm`` in place with every fault that matches one of its nodes."""
+    if not faults:
+        return
+    for node in list(gm.graph.nodes):
+        for fault in faults:
+            if fault.matches(node) and fault.rewrite(gm.graph, node):
+                fault.fired += 1
+    gm.graph.lint()
+    gm.recompile()
+
+
+@dataclass(frozen=True)
+class Break:
+    reason: str
+    where: str  # file:line of the user code that broke the graph
+
+    def text(self) -> str:
+        return f"{self.reason} at {self.where}"
+
+
+@dataclass
+class CompileStats:
+    """What one compiled run compiled and how long it took."""
+
+    backend: str
+    graphs: List[int] = field(default_factory=list)  # FX nodes of each graph the backend compiled
+    breaks: List[Break] = field(default_factory=list)
+    recompilations: int = 0
+    compile_s: float = 0.0
+    run_s: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        counts: Dict[str, int] = {}
+        for b in self.breaks:
+            counts[b.text()] = counts.get(b.text(), 0) + 1
+        return {"backend": self.backend, "graphs": len(self.graphs), "graph_nodes": list(self.graphs),
+                "breaks": len(self.breaks), "break_reasons": [{"break": k, "count": v} for k, v in counts.items()],
+                "recompilations": self.recompilations, "compile_s": round(self.compile_s, 3),
+                "run_s": round(self.run_s, 3)}
+
+    def summary(self) -> str:
+        return (f"{self.backend}: {len(self.graphs)} graph(s), {len(self.breaks)} break(s), "
+                f"{self.recompilations} recompilation(s), compile {self.compile_s:.1f} s, run {self.run_s:.1f} s")
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """How the device side is compiled: ``torch.compile(fn, backend=backend, mode=mode,
+    options=options)``, or a vendor's ``compiler(fn, spec)`` (the ``pytest_detr_compile`` hook; where
+    it returns None, torch.compile)."""
+
+    backend: str
+    mode: Optional[str] = None
+    options: Tuple[Tuple[str, Any], ...] = ()
+    fullgraph: bool = False
+    compiler: Optional[Callable[[Callable, "CompileSpec"], Callable]] = None
+    optimizer: bool = False  # also compile optimizer steps (see :func:`eager_optimizer_steps`)
+
+    def rerun_options(self) -> List[Tuple[str, str]]:
+        options = [("--compile", self.backend)]
+        options += [("--compile-mode", self.mode)] if self.mode else []
+        options += [("--compile-options", f"{k}={v}") for k, v in self.options]
+        options += [("--compile-optimizer", "")] if self.optimizer else []
+        return options + ([("--compile-fullgraph", "")] if self.fullgraph else [])
+
+
+def available() -> bool:
+    return hasattr(torch, "compile")
+
+
+def backends() -> List[str]:
+    """The backends ``torch.compile`` knows (with the debugging ones, such as ``aot_eager``)."""
+    import torch._dynamo
+
+    return sorted(set(torch._dynamo.list_backends(exclude_tags=())))
+
+
+def parse_option(text: str) -> Tuple[str, Any]:
+    """``"max_autotune=True"`` -> ``("max_autotune", True)``: booleans, integers and floats are read
+    as such, anything else stays text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise CompileError(f"--compile-options {text!r}: expected KEY=VALUE, e.g. max_autotune=True")
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return key.strip(), lowered == "true"
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(raw)
+        except ValueError:
+            pass
+    return key.strip(), raw
+
+
+def make_spec(backend: str, mode: Optional[str] = None, options: Sequence[str] = (), fullgraph: bool = False,
+              compiler: Optional[Callable] = None, optimizer: bool = False) -> CompileSpec:
+    """A checked :class:`CompileSpec`; :class:`CompileError` says what is wrong and what is accepted."""
+    if not available():
+        raise CompileError(f"--compile {backend}: torch {torch.__version__} has no torch.compile (it came with "
+                           "torch 2.0); run without --compile")
+    if compiler is None and backend not in backends():
+        raise CompileError(f"--compile {backend!r}: unknown backend; torch.compile knows {', '.join(backends())} "
+                           "(a vendor's backend is registered by importing its plugin: --xpu-plugin MODULE)")
+    parsed = tuple(parse_option(o) for o in options)
+    if mode is not None and backend == "inductor":
+        modes = list(importlib.import_module("torch._inductor").list_mode_options())
+        if mode not in modes:
+            raise CompileError(f"--compile-mode {mode!r}: inductor knows {', '.join(modes)}")
+    return CompileSpec(backend, mode, parsed, fullgraph, compiler, optimizer)
+
+
+def _backend_kwargs(spec: CompileSpec) -> Dict[str, Any]:
+    """What torch.compile would pass the backend for ``mode`` and ``options``."""
+    if spec.backend == "inductor":
+        inductor = importlib.import_module("torch._inductor")
+        patches = dict(inductor.list_mode_options(spec.mode)) if spec.mode else {}
+        patches.update(spec.options)
+        return {"config_patches": patches} if patches else {}
+    kwargs: Dict[str, Any] = {"mode": spec.mode} if spec.mode else {}
+    return {**kwargs, **({"options": dict(spec.options)} if spec.options else {})}
+
+
+def _breaks(fn: Callable, args: Sequence[Any]) -> List[Break]:
+    """Every graph break of ``fn(*args)`` with its reason and the user line, from dynamo's explain
+    (which runs ``fn`` once more, eagerly; call it on copies)."""
+    import torch._dynamo
+
+    explained = torch._dynamo.explain(fn)(*args)
+    breaks = []
+    for reason in explained.break_reasons:
+        frame = reason.user_stack[-1] if reason.user_stack else None
+        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
+        breaks.append(Break(reason.reason.strip().splitlines()[0], where))
+    return breaks
+
+
+@contextlib.contextmanager
+def eager_optimizer_steps() -> Iterator[None]:
+    """Every ``torch.optim`` optimizer's ``step`` runs eagerly inside compiled frames.
+
+    Why: dynamo traces AdamW with its step count as a float32 tensor, so ``1 - beta2 ** step`` is
+    computed in float32 where eager computes it in double: at step 1 that is 0.99998713e-3 for 1e-3,
+    and every update moves by 6.4e-6 relative. A zero-initialised bias then ends 8.8x outside the
+    ensemble's allowance on the CPU itself (tiny, ``--compile aot_eager``). Whether that precision is
+    a correct device is a calibration question for the whole-run ensemble, so the optimizer is
+    compiled only with ``--compile-optimizer``."""
+    classes = [c for c in vars(torch.optim).values()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and "step" in vars(c)]
+    saved = {c: vars(c)["step"] for c in classes}
+    dynamo = importlib.import_module("torch._dynamo")
+    try:
+        for c, step in saved.items():
+            c.step = dynamo.disable(step)
+        yield
+    finally:
+        for c, step in saved.items():
+            c.step = step
+
+
+def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
+                 stats: CompileStats) -> Callable:
+    """``run`` as compiled by ``spec``: each graph the backend receives is counted into ``stats``
+    and rewritten by ``faults`` first. The returned callable measures its own compile and run time."""
+    import torch._dynamo
+    from torch._dynamo.utils import get_compilation_metrics
+
+    kwargs = _backend_kwargs(spec)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        apply_graph_faults(gm, faults)
+        stats.graphs.append(len(gm.graph.nodes))
+        return torch._dynamo.lookup_backend(spec.backend)(gm, example_inputs, **kwargs)
+
+    compiled = spec.compiler(run, spec) if spec.compiler is not None else None
+    if compiled is None:
+        compiled = torch.compile(run, backend=backend)
+
+    def call(module, inputs):
+        torch._dynamo.reset()
+        before = len(list(get_compilation_metrics()))
+        start = time.perf_counter()
+        with contextlib.nullcontext() if spec.optimizer else eager_optimizer_steps():
+            out = compiled(module, inputs)
+        wall = time.perf_counter() - start
+        metrics = list(get_compilation_metrics())[before:]
+        if not stats.graphs:  # a vendor's compiler: dynamo's own count of the graphs it handed over
+            stats.graphs.extend(m.graph_node_count for m in metrics if m.graph_node_count)
+        stats.compile_s = sum(m.entire_frame_compile_time_s or 0.0 for m in metrics)
+        stats.run_s = max(wall - stats.compile_s, 0.0)
+        stats.recompilations = sum(1 for m in metrics if m.recompile_reason)
+        return out
+
+    return call
+
+
+def count_breaks(run: Callable, module, inputs, stats: CompileStats) -> None:
+    """Fills ``stats.breaks`` from a separate explained run of ``run`` (on the copies given)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    stats.breaks = _breaks(run, (module, inputs))
+    torch._dynamo.reset()
+
+
+def fullgraph_failure(stats: CompileStats) -> Optional[str]:
+    """Why ``--compile-fullgraph`` fails the part, or None."""
+    if not stats.breaks:
+        return None
+    first = stats.breaks[0]
+    return (f"fail: --compile-fullgraph: {len(stats.breaks)} graph break(s), the first: {first.text()}")
