@@ -32,12 +32,14 @@ conformance: $(STAMP)
 	$(VPY) -m pytest -m xpu --xpu $(XPU) $(PYTEST_ARGS)
 
 # The project's tests, then the tiny conformance runs on cpu-alt (the CPU with other real kernels) and
-# cpu-splitk (its reductions in split-K and blocked orders):
+# cpu-splitk (its reductions in split-K and blocked orders), then the CPU's eager run beside Inductor's compiled one:
 # a correct device that is not the baseline must pass, which the CPU compared with itself cannot show.
 test: $(STAMP)
 	$(VPY) -m pytest -m "not training" $(PYTEST_ARGS)
 	$(VPY) -m pytest -m xpu --xpu cpu-alt --model-config tiny --report-dir=reports/cpu-alt $(PYTEST_ARGS)
 	$(VPY) -m pytest -m xpu --xpu cpu-splitk --model-config tiny --report-dir=reports/cpu-splitk $(PYTEST_ARGS)
+	$(VPY) -m pytest -m xpu --xpu cpu --compile inductor --model-config tiny --benchmark-skip \
+	    --expectations examples/inductor_cpu_expectations.txt --report-dir=reports/compiled $(PYTEST_ARGS)
 
 # The oldest supported pair, as a vendor's Kunlunxin R300 stack has it: the compat tests and the tiny
 # conformance run on cpu-alt. Python 3.8 is python3.8 on PATH where it runs (a pyenv shim may not),

@@ -37,6 +37,11 @@ def pytest_run(*args, cwd=ROOT):
         (["--batch-size", "0"], "--batch-size '0': expected an integer >= 1, e.g. 2"),
         (["--image-size", "256,256"], "--image-size '256,256': with 2 images SHORT must be below MAX"),
         (["-m", "xpu and 3x8"], "3x8"),
+        (["--compile", "nosuchbackend"], "--compile 'nosuchbackend': unknown backend; torch.compile knows"),
+        (["--compile-mode", "max-autotune"], "--compile-mode needs --compile BACKEND"),
+        (["--compile", "inductor", "--compile-options", "max_autotune"], "expected KEY=VALUE"),
+        (["--inject-fault", "compiled.softmax:dtype=bf16"], "a graph fault needs --compile BACKEND"),
+        (["--compile", "inductor", "--inject-fault", "compiled.softmax:dtype=fp8"], "dtype must be one of"),
     ],
 )
 def test_bad_values_are_usage_errors(args, message):
