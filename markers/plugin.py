@@ -17,7 +17,7 @@ from markers.expectations import EXPECTED, Expectations, ExpectationsError
 from markers.hookspec import HookFailed, call_each
 from markers.options import MODEL_CONFIGS
 from markers.state import STATE, SuiteState, state, state_or_none
-from parity.compiled import is_graph_fault, parse_graph_fault
+from parity.compiled import is_graph_fault, split_faults
 from parity.faults import parse_faults
 from parity.report import summary_lines, write_report
 from runtime import compat
@@ -135,10 +135,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def checked_faults(config: pytest.Config) -> list:
     """The ``--inject-fault`` specs, each parsed: aten faults and ``compiled.*`` graph faults."""
-    specs = config.getoption("inject_fault")
     try:
-        graph = [parse_graph_fault(s).spec for s in specs if is_graph_fault(s)]
-        return [f.spec for f in parse_faults([s for s in specs if not is_graph_fault(s)])] + graph
+        aten, graph = split_faults(config.getoption("inject_fault"))
+        return [f.spec for f in parse_faults(aten)] + [f.spec for f in graph]
     except ValueError as exc:
         raise pytest.UsageError(f"--inject-fault: {exc}") from None
 

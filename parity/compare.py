@@ -22,16 +22,7 @@ from runtime.device import Device, resolve
 
 from . import ensemble
 from .capture import Trace, capture, cpu_copy
-from .compiled import (
-    CompileSpec,
-    CompileStats,
-    GraphFault,
-    compiled_run,
-    count_breaks,
-    fullgraph_failure,
-    is_graph_fault,
-    parse_graph_fault,
-)
+from .compiled import CompileSpec, CompileStats, GraphFault, compiled_run, count_breaks, fullgraph_failure, split_faults
 from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, identical, identical_judgement, judge_integer
@@ -82,8 +73,13 @@ class PartResult:
         return self.replay.checked
 
     @property
+    def all_faults(self) -> list:
+        """The aten faults, then the ``compiled.*`` graph faults."""
+        return list(self.faults) + list(self.graph_faults)
+
+    @property
     def never_fired(self) -> List[str]:
-        return [f.spec for f in never_fired(self.faults)] + [f.spec for f in self.graph_faults if not f.fired]
+        return [f.spec for f in never_fired(self.all_faults)]
 
     @property
     def first_failure(self) -> Optional[dict]:
@@ -109,12 +105,14 @@ class PartResult:
         return self.replay.worst()
 
     def worst_end_to_end(self) -> Optional[EndToEnd]:
-        judged = [e for e in self.end_to_end + self.compiled if e.judgement.kind != "identical"]
-        return max(judged, key=lambda e: e.judgement.margin, default=None)
+        return _worst(self.end_to_end)
+
+    def worst_compiled(self) -> Optional[EndToEnd]:
+        return _worst(self.compiled)
 
     def rerun_command(self, nodeid: Optional[str] = None) -> str:
         target = shlex.quote(nodeid) if nodeid else "<test id>"
-        faults = "".join(f" --inject-fault {shlex.quote(f.spec)}" for f in list(self.faults) + list(self.graph_faults))
+        faults = "".join(f" --inject-fault {shlex.quote(f.spec)}" for f in self.all_faults)
         extra = f" {self.rerun_options}" if self.rerun_options else ""
         return f"pytest {target} --xpu {self.device} --precision {self.precision}{extra}{faults}"
 
@@ -136,9 +134,8 @@ class PartResult:
                          f"error {fail['margin']:.3g}x its allowance")
         lines.append(f"  verdict: {fail['verdict']}")
         lines.append(f"  {self.ops_checked} ops checked, {sum(not c.passed for c in self.replay.checks)} failed")
-        if self.faults or self.graph_faults:
-            lines.append("  injected faults: " + ", ".join(f"{f.spec} (fired {f.fired}x)"
-                                                          for f in list(self.faults) + list(self.graph_faults)))
+        if self.all_faults:
+            lines.append("  injected faults: " + ", ".join(f"{f.spec} (fired {f.fired}x)" for f in self.all_faults))
         if self.compile_stats is not None:
             lines.append(f"  compiled with {self.compile_stats.summary()}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -147,7 +144,7 @@ class PartResult:
 
     def to_dict(self, nodeid: Optional[str] = None) -> dict:
         """The report entry of this part (see :mod:`parity.report`)."""
-        worst_end = self.worst_end_to_end()
+        worst_end, worst_compiled = self.worst_end_to_end(), self.worst_compiled()
         return {
             "nodeid": nodeid, "part": self.part, "device": self.device, "precision": self.precision,
             "passed": self.passed, "ops_checked": self.ops_checked, "ops_identical": self.replay.identical,
@@ -159,13 +156,17 @@ class PartResult:
             "ops_skipped": len(self.replay.skipped), "first_failure": self.first_failure,
             "ops": self.rows(), "whole_run": self.whole_run.as_dict() if self.whole_run else None,
             "end_to_end": [e.row() for e in self.end_to_end],
-            "faults": [{"spec": f.spec, "fired": f.fired} for f in list(self.faults) + list(self.graph_faults)],
+            "faults": [{"spec": f.spec, "fired": f.fired} for f in self.all_faults],
             "notes": list(self.notes),
             "compiled": self.compile_stats.as_dict() if self.compile_stats else None,
             "compiled_end_to_end": [e.row() for e in self.compiled],
-            "worst_compiled_margin": max((e.judgement.margin for e in self.compiled
-                                          if e.judgement.kind != "identical"), default=None),
+            "worst_compiled_margin": worst_compiled.judgement.margin if worst_compiled else None,
         }
+
+
+def _worst(rows: Sequence[EndToEnd]) -> Optional[EndToEnd]:
+    judged = [e for e in rows if e.judgement.kind != "identical"]
+    return max(judged, key=lambda e: e.judgement.margin, default=None)
 
 
 def _failure_fields(row: dict) -> dict:
@@ -350,7 +351,7 @@ class _Comparison:
         """The device's run through ``torch.compile`` with the graph faults, captured by nothing: an
         active dispatch mode (capture, an aten fault) would make dynamo run the frame eagerly."""
         module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
-        count_breaks(self.run, copy.deepcopy(module), copy.deepcopy(inputs), stats)
+        count_breaks(spec, self.run, copy.deepcopy(module), copy.deepcopy(inputs), stats)
         run = compiled_run(spec, self.run, self.graph_faults, stats)
         with self.dut.kernels():
             return _execute(module, inputs, run, self.dut.device, self.precision.backend(self.dut.device),
@@ -382,9 +383,8 @@ def _setup(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Modul
     dut = device if isinstance(device, Device) else (resolve(device) if isinstance(device, str) else Device(device))
     precision = precision if isinstance(precision, Precision) else Precision(precision)
     model = model or ErrorModel(dut.math_library())
-    specs = [f if isinstance(f, str) else f.spec for f in faults]
-    graph_faults = [parse_graph_fault(f) for f in specs if is_graph_fault(f)]
-    faults = parse_faults([f for f in specs if not is_graph_fault(f)])
+    aten, graph_faults = split_faults(faults)
+    faults = parse_faults(aten)
     source = build if isinstance(build, torch.nn.Module) else build()
     return _Comparison(part, copy.deepcopy(source).cpu(), inputs, run, dut, precision, model, faults, seed,
                        trace_keep, ensemble_size, graph_faults)
@@ -467,5 +467,5 @@ def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[s
     notes.append(f"compiled with {stats.summary()}")
     notes += [f"graph break: {b.text()}" for b in dict.fromkeys(stats.breaks)]
     notes += [f"fault {f.spec!r} never fired: no node of the compiled graphs matches it"
-              for f in job.graph_faults if not f.fired]
+              for f in never_fired(job.graph_faults)]
     return judged, stats

@@ -63,6 +63,13 @@ def is_graph_fault(spec: str) -> bool:
     return spec.strip().startswith(PREFIX)
 
 
+def split_faults(specs: Sequence[Any]) -> Tuple[List[Any], List[GraphFault]]:
+    """(the aten fault specs as given, the ``compiled.*`` ones parsed); ValueError on a bad graph fault."""
+    texts = [s if isinstance(s, str) else s.spec for s in specs]
+    return ([s for s, t in zip(specs, texts) if not is_graph_fault(t)],
+            [parse_graph_fault(t) for t in texts if is_graph_fault(t)])
+
+
 def parse_graph_fault(spec: str) -> GraphFault:
     """``compiled.softmax:dtype=bf16`` -> GraphFault; ValueError says what is accepted."""
     body, sep, rest = spec.strip()[len(PREFIX):].partition(":")
@@ -249,20 +256,6 @@ def _backend_kwargs(spec: CompileSpec) -> Dict[str, Any]:
     return {**kwargs, **({"options": dict(spec.options)} if spec.options else {})}
 
 
-def _breaks(fn: Callable, args: Sequence[Any]) -> List[Break]:
-    """Every graph break of ``fn(*args)`` with its reason and the user line, from dynamo's explain
-    (which runs ``fn`` once more, eagerly; call it on copies)."""
-    import torch._dynamo
-
-    explained = torch._dynamo.explain(fn)(*args)
-    breaks = []
-    for reason in explained.break_reasons:
-        frame = reason.user_stack[-1] if reason.user_stack else None
-        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
-        breaks.append(Break(reason.reason.strip().splitlines()[0], where))
-    return breaks
-
-
 @contextlib.contextmanager
 def eager_optimizer_steps() -> Iterator[None]:
     """Every ``torch.optim`` optimizer's ``step`` runs eagerly inside compiled frames.
@@ -284,6 +277,10 @@ def eager_optimizer_steps() -> Iterator[None]:
     finally:
         for c, step in saved.items():
             c.step = step
+
+
+def _optimizer_steps(spec: CompileSpec):
+    return contextlib.nullcontext() if spec.optimizer else eager_optimizer_steps()
 
 
 def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
@@ -308,7 +305,7 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
         torch._dynamo.reset()
         before = len(list(get_compilation_metrics()))
         start = time.perf_counter()
-        with contextlib.nullcontext() if spec.optimizer else eager_optimizer_steps():
+        with _optimizer_steps(spec):
             out = compiled(module, inputs)
         wall = time.perf_counter() - start
         metrics = list(get_compilation_metrics())[before:]
@@ -322,13 +319,20 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
     return call
 
 
-def count_breaks(run: Callable, module, inputs, stats: CompileStats) -> None:
-    """Fills ``stats.breaks`` from a separate explained run of ``run`` (on the copies given)."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    stats.breaks = _breaks(run, (module, inputs))
-    torch._dynamo.reset()
+def count_breaks(spec: CompileSpec, run: Callable, module, inputs, stats: CompileStats) -> None:
+    """Fills ``stats.breaks`` with every graph break of ``run(module, inputs)``, its reason and user
+    line, from dynamo's explain: one more run, eagerly, so give it copies. The optimizer steps run as
+    in the compiled run."""
+    dynamo = importlib.import_module("torch._dynamo")
+    dynamo.reset()
+    with _optimizer_steps(spec):
+        explained = dynamo.explain(run)(module, inputs)
+    dynamo.reset()
+    stats.breaks = []
+    for reason in explained.break_reasons:
+        frame = reason.user_stack[-1] if reason.user_stack else None
+        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
+        stats.breaks.append(Break(reason.reason.strip().splitlines()[0], where))
 
 
 def fullgraph_failure(stats: CompileStats) -> Optional[str]:
