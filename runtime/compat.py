@@ -172,7 +172,8 @@ _TYPE_CONSTRUCTORS = ("Dict", "Future", "Tuple", "Union", "Optional", "RRef", "A
 def parse_aliases(schema: str) -> Tuple[Tuple[Tuple[str, Optional[bool]], ...], Tuple[Optional[bool], ...]]:
     """(((argument name, written), ...), (written, ...) per return) from a schema's text such as
     ``aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)``; written is
-    None for an argument or return without an alias annotation."""
+    None for an argument or return without an alias annotation. ``*`` (keyword-only from here) and
+    ``...`` (variadic) are markers, not arguments."""
     start = schema.index("(")
     depth = 0
     for end in range(start, len(schema)):
@@ -183,8 +184,8 @@ def parse_aliases(schema: str) -> Tuple[Tuple[Tuple[str, Optional[bool]], ...], 
     if returns.startswith("("):
         returns = returns[1:-1]
     arguments = [(part.split("=")[0].split()[-1], _annotated_write(part))
-                 for part in _split_top(schema[start + 1:end]) if part != "*"]
-    return tuple(arguments), tuple(_annotated_write(part) for part in _split_top(returns))
+                 for part in _split_top(schema[start + 1:end]) if part not in ("*", "...")]
+    return tuple(arguments), tuple(_annotated_write(part) for part in _split_top(returns) if part != "...")
 
 
 def _annotated_write(declaration: str) -> Optional[bool]:

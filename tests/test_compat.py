@@ -152,6 +152,9 @@ SCHEMAS = [
     ("aten::add_.t(t[](a!) self, t[] b) -> t[]", (("self", True), ("b", None)), (None,)),
     ("aten::set_.source_Storage(Tensor(a!) self, Storage source) -> Tensor(a!)",
      (("self", True), ("source", None)), (True,)),
+    # '...' marks variadic arguments or returns, not an argument (an overload torch.compile registers)
+    ("aten::einsum.sublist(Tensor a, ...) -> Tensor", (("a", None),), (None,)),
+    ("prim::TupleUnpack(Any tup) -> ...", (("tup", None),), ()),
 ]
 
 
