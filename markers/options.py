@@ -109,6 +109,9 @@ def _add_compile_options(group, parser: pytest.Parser) -> None:
                          "dynamo's AdamW computes its bias correction in float32; see docs/compile.md)")
     group.addoption("--compile-fullgraph", action="store_true", default=False,
                     help="with --compile, a graph break fails the part, naming the break and its source line")
+    group.addoption("--compile-no-bisect", action="store_true", default=False,
+                    help="with --compile, do not bisect a failing compiled run to the first graph node whose "
+                         "compilation fails it (1 + log2(nodes) more compiled runs of that part)")
     parser.addini("compile", "default for --compile: a torch.compile backend", default=None)
 
 
@@ -171,13 +174,15 @@ def compile_spec(config: pytest.Config, compiler=None):
 
     backend = config.getoption("--compile") or config.getini("compile") or None
     if backend is None:
-        for name in ("--compile-mode", "--compile-options", "--compile-fullgraph", "--compile-optimizer"):
+        for name in ("--compile-mode", "--compile-options", "--compile-fullgraph", "--compile-optimizer",
+                     "--compile-no-bisect"):
             if config.getoption(name):
                 raise pytest.UsageError(f"{name} needs --compile BACKEND")
         return None
     try:
         return make_spec(backend, config.getoption("--compile-mode"), config.getoption("--compile-options"),
-                         config.getoption("--compile-fullgraph"), compiler, config.getoption("--compile-optimizer"))
+                         config.getoption("--compile-fullgraph"), compiler, config.getoption("--compile-optimizer"),
+                         not config.getoption("--compile-no-bisect"))
     except CompileError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -28,6 +28,7 @@ class SuiteState:
     report_error: Optional[str] = None  # why the parity report could not be written
     unmatched_comparison: Optional[str] = None  # a --benchmark-compare that compared nothing, said once
     training_rows: List[Dict[str, Any]] = field(default_factory=list)
+    eager_medians: Dict[str, float] = field(default_factory=dict)  # benchmark step -> seconds, for compiled ratios
 
     @property
     def device(self):

@@ -11,6 +11,7 @@ eval mode or with p=0 so that the runs draw the same numbers.
 """
 import contextlib
 import copy
+import dataclasses
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -26,6 +27,7 @@ from .compiled import CompileSpec, CompileStats, GraphFault, compiled_run, count
 from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, identical, identical_judgement, judge_integer
+from .localise import Localisation, Prefix, bisect
 from .precision import Precision, cast_tree
 from .replay import OpCheck, ReplayResult, WholeRun, compare_runs, replay
 from .spill import spill_enabled
@@ -63,6 +65,7 @@ class PartResult:
     compiled: List[EndToEnd] = field(default_factory=list)  # the compiled run's outputs and gradients
     compile_stats: Optional[CompileStats] = None
     graph_faults: List[GraphFault] = field(default_factory=list)
+    localised: Optional[Localisation] = None  # the node a failing compiled run is bisected to
 
     @property
     def passed(self) -> bool:
@@ -95,7 +98,9 @@ class PartResult:
                 return {"index": None, "op": None, "overload": None, "module": failing[0].name, "phase": source,
                         "shapes": None,
                         **{k: end.get(k) for k in ("max_abs", "max_rel", "cosine", "rmse", "margin")},
-                        "verdict": end["verdict"], "source": source}
+                        "verdict": end["verdict"], "source": source,
+                        **({"node": vars(self.localised.node)} if source == "compiled graph" and self.localised
+                           and self.localised.node else {})}
         return None
 
     def rows(self) -> List[dict]:
@@ -138,6 +143,8 @@ class PartResult:
             lines.append("  injected faults: " + ", ".join(f"{f.spec} (fired {f.fired}x)" for f in self.all_faults))
         if self.compile_stats is not None:
             lines.append(f"  compiled with {self.compile_stats.summary()}")
+        if self.localised is not None and fail["source"] == "compiled graph":
+            lines.append(f"  {self.localised.text()}")
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  re-run: {self.rerun_command(nodeid)}")
         return "\n".join(lines)
@@ -161,6 +168,7 @@ class PartResult:
             "compiled": self.compile_stats.as_dict() if self.compile_stats else None,
             "compiled_end_to_end": [e.row() for e in self.compiled],
             "worst_compiled_margin": worst_compiled.judgement.margin if worst_compiled else None,
+            "localised": self.localised.as_dict() if self.localised else None,
         }
 
 
@@ -347,12 +355,15 @@ class _Comparison:
             return _execute(module, inputs, self.run, self.dut.device, self.precision.backend(self.dut.device),
                             self.precision.autocast(self.dut.device), self.seed, self.trace_keep, self.faults)
 
-    def compiled_device_run(self, spec: CompileSpec, stats: CompileStats) -> _Run:
-        """The device's run through ``torch.compile`` with the graph faults, captured by nothing: an
-        active dispatch mode (capture, an aten fault) would make dynamo run the frame eagerly."""
+    def compiled_device_run(self, spec: CompileSpec, stats: CompileStats, prefix: Prefix,
+                            faults: Optional[List[GraphFault]] = None, breaks: bool = True) -> _Run:
+        """The device's run through ``torch.compile`` with the graph faults (or ``faults``),
+        compiled up to ``prefix``'s budget, captured by nothing: an active dispatch mode (capture,
+        an aten fault) would make dynamo run the frame eagerly. ``breaks`` counts graph breaks."""
         module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
-        count_breaks(spec, self.run, copy.deepcopy(module), copy.deepcopy(inputs), stats)
-        run = compiled_run(spec, self.run, self.graph_faults, stats)
+        if breaks:
+            count_breaks(spec, self.run, copy.deepcopy(module), copy.deepcopy(inputs), stats)
+        run = compiled_run(spec, self.run, self.graph_faults if faults is None else faults, stats, prefix)
         with self.dut.kernels():
             return _execute(module, inputs, run, self.dut.device, self.precision.backend(self.dut.device),
                             self.precision.autocast(self.dut.device), self.seed, None, ())
@@ -431,7 +442,8 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     for long runs whose every op another check already replays. ``compile`` runs the device once
     more through ``torch.compile`` (:mod:`parity.compiled`) and judges that run's outputs and
     gradients end to end too; faults ``compiled.*`` apply to its graphs only, aten faults to the
-    eager run and replay only.
+    eager run and replay only. A failing compiled run is bisected to the first graph node whose
+    compilation fails it (:mod:`parity.localise`), unless ``compile.bisect`` is off.
     """
     job = _setup(part, build, inputs, run, device, precision, faults, model, seed, keep if whole_run else None,
                  ensemble_size)
@@ -445,18 +457,22 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     same = all(e.judgement.kind == "identical" for e in end_to_end)
     whole = compare_runs(job.golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
     notes = _notes(same, replayed, whole, job.faults)
-    compiled, stats = _compiled(job, compile, baseline, notes) if compile is not None else ([], None)
+    compiled, stats, localised = _compiled(job, compile, baseline, notes) if compile is not None \
+        else ([], None, None)
     return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults, notes,
                       ensemble_size=len(job.members) + 1 if job.members else 0, compiled=compiled,
-                      compile_stats=stats, graph_faults=job.graph_faults)
+                      compile_stats=stats, graph_faults=job.graph_faults, localised=localised)
 
 
 def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[str]):
-    """The compiled run judged end to end (each name prefixed ``compiled``), and what it compiled."""
-    stats = CompileStats(spec.backend)
-    run = job.compiled_device_run(spec, stats)
+    """The compiled run judged end to end (each name prefixed ``compiled``), what it compiled, and,
+    when it fails, the node it is bisected to (unless ``spec.bisect`` is off)."""
+    stats, prefix = CompileStats(spec.backend), Prefix()
+    run = job.compiled_device_run(spec, stats, prefix)
     judged = [EndToEnd(f"compiled {e.name}", e.judgement)
               for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
+    failing = [e for e in judged if not e.judgement.passed]
+    localised = _localise(job, spec, baseline, prefix, failing[0]) if failing and spec.bisect else None
     broken = fullgraph_failure(stats) if spec.fullgraph else None
     if broken:
         judged.insert(0, EndToEnd("compiled graph", OutputJudgement(0, "structure", False, broken, float("inf"))))
@@ -468,4 +484,25 @@ def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[s
     notes += [f"graph break: {b.text()}" for b in dict.fromkeys(stats.breaks)]
     notes += [f"fault {f.spec!r} never fired: no node of the compiled graphs matches it"
               for f in never_fired(job.graph_faults)]
-    return judged, stats
+    return judged, stats, localised
+
+
+def _localise(job: _Comparison, spec: CompileSpec, baseline: _Run, prefix: Prefix, first: EndToEnd) -> Localisation:
+    """Bisects the failing compiled run to the first node whose compilation fails it, with the same
+    end-to-end verdict (golden and ensemble made once) as the good/bad test."""
+
+    def probe(budget: int):
+        faults = [dataclasses.replace(f, fired=0) for f in job.graph_faults]
+        run = job.compiled_device_run(spec, CompileStats(spec.backend), Prefix(budget), faults, breaks=False)
+        judged = [EndToEnd(f"compiled {e.name}", e.judgement)
+                  for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
+        failing = [e for e in judged if not e.judgement.passed]
+        return bool(failing), _briefly(failing[0] if failing else _worst(judged))
+
+    return bisect(probe, list(prefix.nodes), _briefly(first))
+
+
+def _briefly(row: Optional[EndToEnd]) -> str:
+    if row is None:
+        return "every output identical"
+    return f"worst {row.name} at {row.judgement.margin:.3g}x its allowance"

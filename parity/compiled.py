@@ -25,6 +25,8 @@ import torch
 
 from runtime.faultspec import parse_kind
 
+from .localise import Prefix
+
 PREFIX = "compiled."
 GRAPH_KINDS = {
     "eps": "eps=<factor>: multiplies the node's eps argument (a wrong decomposition of a norm)",
@@ -191,12 +193,14 @@ class CompileSpec:
     fullgraph: bool = False
     compiler: Optional[Callable[[Callable, "CompileSpec"], Callable]] = None
     optimizer: bool = False  # also compile optimizer steps (see :func:`eager_optimizer_steps`)
+    bisect: bool = True  # bisect a failing compiled run to its node (:mod:`parity.localise`)
 
     def rerun_options(self) -> List[Tuple[str, str]]:
         options = [("--compile", self.backend)]
         options += [("--compile-mode", self.mode)] if self.mode else []
         options += [("--compile-options", f"{k}={v}") for k, v in self.options]
         options += [("--compile-optimizer", "")] if self.optimizer else []
+        options += [] if self.bisect else [("--compile-no-bisect", "")]
         return options + ([("--compile-fullgraph", "")] if self.fullgraph else [])
 
 
@@ -229,7 +233,7 @@ def parse_option(text: str) -> Tuple[str, Any]:
 
 
 def make_spec(backend: str, mode: Optional[str] = None, options: Sequence[str] = (), fullgraph: bool = False,
-              compiler: Optional[Callable] = None, optimizer: bool = False) -> CompileSpec:
+              compiler: Optional[Callable] = None, optimizer: bool = False, bisect: bool = True) -> CompileSpec:
     """A checked :class:`CompileSpec`; :class:`CompileError` says what is wrong and what is accepted."""
     if not available():
         raise CompileError(f"--compile {backend}: torch {torch.__version__} has no torch.compile (it came with "
@@ -242,7 +246,7 @@ def make_spec(backend: str, mode: Optional[str] = None, options: Sequence[str] =
         modes = list(importlib.import_module("torch._inductor").list_mode_options())
         if mode not in modes:
             raise CompileError(f"--compile-mode {mode!r}: inductor knows {', '.join(modes)}")
-    return CompileSpec(backend, mode, parsed, fullgraph, compiler, optimizer)
+    return CompileSpec(backend, mode, parsed, fullgraph, compiler, optimizer, bisect)
 
 
 def _backend_kwargs(spec: CompileSpec) -> Dict[str, Any]:
@@ -279,23 +283,41 @@ def eager_optimizer_steps() -> Iterator[None]:
             c.step = step
 
 
+def _metrics() -> list:
+    from torch._dynamo.utils import get_compilation_metrics
+
+    return list(get_compilation_metrics())
+
+
+def _since(before: list) -> list:
+    """dynamo's compilation metrics added since ``before``, told apart by identity since dynamo
+    keeps only the latest ones."""
+    seen = {id(m) for m in before}
+    return [m for m in _metrics() if id(m) not in seen]
+
+
 def _optimizer_steps(spec: CompileSpec):
     return contextlib.nullcontext() if spec.optimizer else eager_optimizer_steps()
 
 
-def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
-                 stats: CompileStats) -> Callable:
+def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault], stats: CompileStats,
+                 prefix: Optional[Prefix] = None) -> Callable:
     """``run`` as compiled by ``spec``: each graph the backend receives is counted into ``stats``
-    and rewritten by ``faults`` first. The returned callable measures its own compile and run time."""
+    and rewritten by ``faults`` first. ``prefix`` lists the graphs' nodes and may hold a budget: the
+    nodes past it run eagerly, unrewritten (:mod:`parity.localise`). The returned callable measures
+    its own compile and run time."""
     import torch._dynamo
-    from torch._dynamo.utils import get_compilation_metrics
 
     kwargs = _backend_kwargs(spec)
+    prefix = prefix if prefix is not None else Prefix()
+
+    def compile_fn(gm: torch.fx.GraphModule, example_inputs):
+        apply_graph_faults(gm, faults)
+        return torch._dynamo.lookup_backend(spec.backend)(gm, example_inputs, **kwargs)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
-        apply_graph_faults(gm, faults)
         stats.graphs.append(len(gm.graph.nodes))
-        return torch._dynamo.lookup_backend(spec.backend)(gm, example_inputs, **kwargs)
+        return prefix.backend(gm, example_inputs, compile_fn)
 
     compiled = spec.compiler(run, spec) if spec.compiler is not None else None
     if compiled is None:
@@ -303,12 +325,14 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
 
     def call(module, inputs):
         torch._dynamo.reset()
-        before = len(list(get_compilation_metrics()))
+        prefix.nodes.clear()
+        prefix.graphs = 0
+        before = _metrics()
         start = time.perf_counter()
         with _optimizer_steps(spec):
             out = compiled(module, inputs)
         wall = time.perf_counter() - start
-        metrics = list(get_compilation_metrics())[before:]
+        metrics = _since(before)
         if not stats.graphs:  # a vendor's compiler: dynamo's own count of the graphs it handed over
             stats.graphs.extend(m.graph_node_count for m in metrics if m.graph_node_count)
         stats.compile_s = sum(m.entire_frame_compile_time_s or 0.0 for m in metrics)
@@ -317,6 +341,36 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
         return out
 
     return call
+
+
+class CompiledStep:
+    """``fn()`` compiled once by ``spec`` for repeated calls (a benchmark's step): the optimizer
+    step stays eager unless ``spec.optimizer``. ``compile_s`` and ``graphs`` sum dynamo's
+    compilation metrics over the calls so far, so a recompilation in the timed rounds shows."""
+
+    def __init__(self, spec: CompileSpec, fn: Callable[[], Any]):
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        self.spec = spec
+        kwargs = _backend_kwargs(spec)
+        backend = lookup = torch._dynamo.lookup_backend(spec.backend)
+        if kwargs:
+            def backend(gm, example_inputs):
+                return lookup(gm, example_inputs, **kwargs)
+        compiled = spec.compiler(fn, spec) if spec.compiler is not None else None
+        self.fn = compiled if compiled is not None else torch.compile(fn, backend=backend, fullgraph=spec.fullgraph)
+        self.compile_s, self.graphs, self.recompilations = 0.0, 0, 0
+
+    def __call__(self) -> Any:
+        before = _metrics()
+        with _optimizer_steps(self.spec):
+            out = self.fn()
+        metrics = _since(before)
+        self.compile_s += sum(m.entire_frame_compile_time_s or 0.0 for m in metrics)
+        self.graphs += sum(1 for m in metrics if m.graph_node_count)
+        self.recompilations += sum(1 for m in metrics if m.recompile_reason)
+        return out
 
 
 def count_breaks(spec: CompileSpec, run: Callable, module, inputs, stats: CompileStats) -> None:

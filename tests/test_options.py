@@ -39,6 +39,7 @@ def pytest_run(*args, cwd=ROOT):
         (["-m", "xpu and 3x8"], "3x8"),
         (["--compile", "nosuchbackend"], "--compile 'nosuchbackend': unknown backend; torch.compile knows"),
         (["--compile-mode", "max-autotune"], "--compile-mode needs --compile BACKEND"),
+        (["--compile-no-bisect"], "--compile-no-bisect needs --compile BACKEND"),
         (["--compile", "inductor", "--compile-options", "max_autotune"], "expected KEY=VALUE"),
         (["--inject-fault", "compiled.softmax:dtype=bf16"], "a graph fault needs --compile BACKEND"),
         (["--compile", "inductor", "--inject-fault", "compiled.softmax:dtype=fp8"], "dtype must be one of"),
@@ -83,7 +84,7 @@ def test_path_options_take_their_value_after_a_space(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "suite/test_backbone.py::test_backbone[fp32]" in result.stdout
-    assert "14/" in result.stdout.splitlines()[-1]
+    assert "16/" in result.stdout.splitlines()[-1]  # 12 parts, 2 steps eager and 2 compiled
 
 
 def test_the_suite_is_a_pytest_plugin_when_installed():

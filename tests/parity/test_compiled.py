@@ -1,23 +1,32 @@
 """``--compile``: the compiled device run judged end to end from both sides. Inductor on this CPU (generated
 C++, vectorised math, fused reductions) is a correct device that differs from eager and must pass; each
 graph fault, a miscompilation made on purpose, must fail the compiled run and be named in the report."""
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fixtures.parts import PARTS
 from parity import compiled
 from parity.compare import compare_part
 from parity.compiled import CompileError, make_spec, parse_graph_fault
+from parity.localise import GraphNode, bisect
 from tests.test_fault_catalogue import tiny_parts
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="torch.compile came with torch 2.0")
 
-# (what the miscompilation looks like, part, graph fault)
+# (what the miscompilation looks like, part, graph fault, the node it is bisected to: target, module)
 COMPILE_CATALOGUE = [
-    ("layer norm decomposed with 10x its epsilon", "transformer", "compiled.layer_norm:eps=10"),
-    ("the matcher's fused softmax in bf16", "matcher cost", "compiled.softmax:dtype=bf16"),
-    ("the sine encoding's 2 pi scale dropped", "position encoding (sine)", "compiled.mul:scalar=drop"),
-    ("the box head's fused matmuls in bf16", "heads", "compiled.linear:dtype=bf16"),
+    ("layer norm decomposed with 10x its epsilon", "transformer", "compiled.layer_norm:eps=10",
+     ("torch.nn.functional.layer_norm", "transformer.encoder.layers.0.norm1")),
+    ("the matcher's fused softmax in bf16", "matcher cost", "compiled.softmax:dtype=bf16",
+     ("Tensor.softmax", "(top level)")),
+    ("the sine encoding's 2 pi scale dropped", "position encoding (sine)", "compiled.mul:scalar=drop",
+     ("operator.mul", "encoding")),
+    ("the box head's fused matmuls in bf16", "heads", "compiled.linear:dtype=bf16",
+     ("torch._C._nn.linear", "class_embed")),
 ]
 
 
@@ -42,8 +51,8 @@ def test_inductor_on_this_cpu_passes(parts, part):
     assert result.compiled and all(e.name.startswith("compiled ") for e in result.compiled)
 
 
-@pytest.mark.parametrize("bug, part, spec", COMPILE_CATALOGUE, ids=[c[0] for c in COMPILE_CATALOGUE])
-def test_each_miscompilation_is_caught_in_the_compiled_run(parts, bug, part, spec):
+@pytest.mark.parametrize("bug, part, spec, culprit", COMPILE_CATALOGUE, ids=[c[0] for c in COMPILE_CATALOGUE])
+def test_each_miscompilation_is_caught_and_bisected_to_its_node(parts, bug, part, spec, culprit):
     # aot_eager runs the rewritten graph as it is; inductor computes bf16 in fp32 and drops casts it
     # finds redundant, so it can absorb a cast-shaped fault (the matcher's softmax then passes)
     result = check(parts, part, [spec], backend="aot_eager")
@@ -53,6 +62,19 @@ def test_each_miscompilation_is_caught_in_the_compiled_run(parts, bug, part, spe
     assert result.graph_faults[0].fired >= 1 and not result.never_fired
     assert f"--inject-fault {spec}" in result.rerun_command()
     assert "compiled graph failed" in result.failure_message()
+    # the first node the fault rewrites is the one whose compilation turns the run from pass to fail
+    node = result.localised.node
+    assert (node.target, node.module) == culprit, result.localised.text()
+    assert failure["node"]["index"] == node.index and node.where.endswith(".py:" + node.where.split(":")[-1])
+    assert f"culprit: node #{node.index} {node.target}" in result.failure_message()
+    probes = {p.budget: p.failed for p in result.localised.probes}
+    assert probes[0] is False and probes[node.index] is True and probes.get(node.index - 1, False) is False
+    assert result.to_dict()["localised"]["node"]["shapes"] == node.shapes
+
+
+def test_a_passing_compiled_run_is_not_bisected(parts):
+    result = check(parts, "heads", backend="aot_eager")
+    assert result.passed and result.localised is None and result.to_dict()["localised"] is None
 
 
 def test_a_graph_fault_that_matches_no_node_is_reported_as_never_fired(parts):
@@ -99,7 +121,32 @@ def test_a_bad_compile_request_says_what_is_accepted(monkeypatch):
 
 
 def test_the_rerun_command_carries_the_compile_options():
-    spec = make_spec("inductor", mode="max-autotune", options=["max_autotune=True"], fullgraph=True, optimizer=True)
+    spec = make_spec("inductor", mode="max-autotune", options=["max_autotune=True"], fullgraph=True, optimizer=True,
+                     bisect=False)
     assert spec.rerun_options() == [("--compile", "inductor"), ("--compile-mode", "max-autotune"),
                                     ("--compile-options", "max_autotune=True"), ("--compile-optimizer", ""),
-                                    ("--compile-fullgraph", "")]
+                                    ("--compile-no-bisect", ""), ("--compile-fullgraph", "")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(1, 5000), data=st.data())
+def test_bisection_finds_the_first_node_that_fails_the_run(total, data):
+    culprit = data.draw(st.integers(1, total))
+    seen = []
+
+    def probe(budget):
+        seen.append(budget)
+        return budget >= culprit, f"at {budget}"
+
+    nodes = [GraphNode(i + 1, 1, f"n{i}", "t", "m", "f.py:1", "[1] float32") for i in range(total)]
+    found = bisect(probe, nodes, "whole run")
+    assert found.node.index == culprit
+    assert len(seen) <= 1 + math.ceil(math.log2(total)) if total > 1 else seen == [0]
+    assert f"culprit: node #{culprit} " in found.text()
+
+
+def test_a_failure_with_every_node_eager_blames_no_node():
+    nodes = [GraphNode(i + 1, 1, f"n{i}", "t", "m", "f.py:1", "[1] float32") for i in range(8)]
+    found = bisect(lambda budget: (True, "fails anyway"), nodes, "whole run")
+    assert found.node is None and len(found.probes) == 2
+    assert "failure is in dynamo's tracing, not the backend" in found.text()
