@@ -72,7 +72,7 @@ def pytest_detr_compile(fn, spec):
     """Compiles one part's ``fn(module, inputs)`` for ``--compile``, or returns None to leave it to
     ``torch.compile(fn, backend=spec.backend)``.
 
-    ``spec`` is the :class:`parity.compiled.CompileSpec` of the command line: ``backend``, ``mode``,
+    ``spec`` is the :class:`runtime.compiler.CompileSpec` of the command line: ``backend``, ``mode``,
     ``options`` (KEY=VALUE pairs) and ``fullgraph``. Return a callable with ``fn``'s signature. The
     suite resets dynamo before each part, counts the graphs dynamo compiled, and judges the
     compiled run's outputs and gradients against the CPU; ``compiled.*`` graph faults need the

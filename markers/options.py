@@ -168,9 +168,9 @@ def _add_training_options(group) -> None:
 
 
 def compile_spec(config: pytest.Config, compiler=None):
-    """``--compile`` and its options as a :class:`parity.compiled.CompileSpec`, or None without
+    """``--compile`` and its options as a :class:`runtime.compiler.CompileSpec`, or None without
     ``--compile`` (or the ini's ``compile``); a bad value is a usage error that says what is accepted."""
-    from parity.compiled import CompileError, make_spec
+    from runtime.compiler import CompileError, make_spec
 
     backend = config.getoption("--compile") or config.getini("compile") or None
     if backend is None:

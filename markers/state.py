@@ -22,7 +22,7 @@ class SuiteState:
     parity_size: Optional[Tuple[int, int]] = None  # --image-size (short, max); None: the default batch
     expectations: Optional[Any] = None  # markers.expectations.Expectations with --expectations
     bench: Optional[Any] = None  # fixtures.benchmark.BenchOptions
-    compile: Optional[Any] = None  # parity.compiled.CompileSpec with --compile
+    compile: Optional[Any] = None  # runtime.compiler.CompileSpec with --compile
     parity_results: List[Dict[str, Any]] = field(default_factory=list)
     parity_report: Optional[Dict[str, Any]] = None
     report_error: Optional[str] = None  # why the parity report could not be written

@@ -15,14 +15,14 @@ pass that loses a constant scale, such as the sine encoding's 2 pi), ``compiled.
 function's or method's name in dynamo's graph, before the backend's decompositions (so ``softmax``
 inside ``multi_head_attention_forward``, one node there, is out of reach).
 """
-import contextlib
 import importlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from runtime.compiler import CompileSpec, backend_kwargs, compilation_metrics, metrics_since, optimizer_steps
 from runtime.faultspec import parse_kind
 
 from .localise import Prefix
@@ -35,10 +35,6 @@ GRAPH_KINDS = {
 }
 GRAPH_GRAMMAR = f"{PREFIX}<function or method>:<kind>=<value>, kinds {', '.join(GRAPH_KINDS)}"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CompileError(Exception):
-    """torch.compile cannot run as asked: no torch.compile, an unknown backend, a bad option."""
 
 
 @dataclass
@@ -181,125 +177,6 @@ class CompileStats:
                 f"{self.recompilations} recompilation(s), compile {self.compile_s:.1f} s, run {self.run_s:.1f} s")
 
 
-@dataclass(frozen=True)
-class CompileSpec:
-    """How the device side is compiled: ``torch.compile(fn, backend=backend, mode=mode,
-    options=options)``, or a vendor's ``compiler(fn, spec)`` (the ``pytest_detr_compile`` hook; where
-    it returns None, torch.compile)."""
-
-    backend: str
-    mode: Optional[str] = None
-    options: Tuple[Tuple[str, Any], ...] = ()
-    fullgraph: bool = False
-    compiler: Optional[Callable[[Callable, "CompileSpec"], Callable]] = None
-    optimizer: bool = False  # also compile optimizer steps (see :func:`eager_optimizer_steps`)
-    bisect: bool = True  # bisect a failing compiled run to its node (:mod:`parity.localise`)
-
-    def rerun_options(self) -> List[Tuple[str, str]]:
-        options = [("--compile", self.backend)]
-        options += [("--compile-mode", self.mode)] if self.mode else []
-        options += [("--compile-options", f"{k}={v}") for k, v in self.options]
-        options += [("--compile-optimizer", "")] if self.optimizer else []
-        options += [] if self.bisect else [("--compile-no-bisect", "")]
-        return options + ([("--compile-fullgraph", "")] if self.fullgraph else [])
-
-
-def available() -> bool:
-    return hasattr(torch, "compile")
-
-
-def backends() -> List[str]:
-    """The backends ``torch.compile`` knows (with the debugging ones, such as ``aot_eager``)."""
-    import torch._dynamo
-
-    return sorted(set(torch._dynamo.list_backends(exclude_tags=())))
-
-
-def parse_option(text: str) -> Tuple[str, Any]:
-    """``"max_autotune=True"`` -> ``("max_autotune", True)``: booleans, integers and floats are read
-    as such, anything else stays text."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise CompileError(f"--compile-options {text!r}: expected KEY=VALUE, e.g. max_autotune=True")
-    lowered = raw.strip().lower()
-    if lowered in ("true", "false"):
-        return key.strip(), lowered == "true"
-    for kind in (int, float):
-        try:
-            return key.strip(), kind(raw)
-        except ValueError:
-            pass
-    return key.strip(), raw
-
-
-def make_spec(backend: str, mode: Optional[str] = None, options: Sequence[str] = (), fullgraph: bool = False,
-              compiler: Optional[Callable] = None, optimizer: bool = False, bisect: bool = True) -> CompileSpec:
-    """A checked :class:`CompileSpec`; :class:`CompileError` says what is wrong and what is accepted."""
-    if not available():
-        raise CompileError(f"--compile {backend}: torch {torch.__version__} has no torch.compile (it came with "
-                           "torch 2.0); run without --compile")
-    if compiler is None and backend not in backends():
-        raise CompileError(f"--compile {backend!r}: unknown backend; torch.compile knows {', '.join(backends())} "
-                           "(a vendor's backend is registered by importing its plugin: --xpu-plugin MODULE)")
-    parsed = tuple(parse_option(o) for o in options)
-    if mode is not None and backend == "inductor":
-        modes = list(importlib.import_module("torch._inductor").list_mode_options())
-        if mode not in modes:
-            raise CompileError(f"--compile-mode {mode!r}: inductor knows {', '.join(modes)}")
-    return CompileSpec(backend, mode, parsed, fullgraph, compiler, optimizer, bisect)
-
-
-def _backend_kwargs(spec: CompileSpec) -> Dict[str, Any]:
-    """What torch.compile would pass the backend for ``mode`` and ``options``."""
-    if spec.backend == "inductor":
-        inductor = importlib.import_module("torch._inductor")
-        patches = dict(inductor.list_mode_options(spec.mode)) if spec.mode else {}
-        patches.update(spec.options)
-        return {"config_patches": patches} if patches else {}
-    kwargs: Dict[str, Any] = {"mode": spec.mode} if spec.mode else {}
-    return {**kwargs, **({"options": dict(spec.options)} if spec.options else {})}
-
-
-@contextlib.contextmanager
-def eager_optimizer_steps() -> Iterator[None]:
-    """Every ``torch.optim`` optimizer's ``step`` runs eagerly inside compiled frames.
-
-    Why: dynamo traces AdamW with its step count as a float32 tensor, so ``1 - beta2 ** step`` is
-    computed in float32 where eager computes it in double: at step 1 that is 0.99998713e-3 for 1e-3,
-    and every update moves by 6.4e-6 relative. A zero-initialised bias then ends 8.8x outside the
-    ensemble's allowance on the CPU itself (tiny, ``--compile aot_eager``). Whether that precision is
-    a correct device is a calibration question for the whole-run ensemble, so the optimizer is
-    compiled only with ``--compile-optimizer``."""
-    classes = [c for c in vars(torch.optim).values()
-               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and "step" in vars(c)]
-    saved = {c: vars(c)["step"] for c in classes}
-    dynamo = importlib.import_module("torch._dynamo")
-    try:
-        for c, step in saved.items():
-            c.step = dynamo.disable(step)
-        yield
-    finally:
-        for c, step in saved.items():
-            c.step = step
-
-
-def _metrics() -> list:
-    from torch._dynamo.utils import get_compilation_metrics
-
-    return list(get_compilation_metrics())
-
-
-def _since(before: list) -> list:
-    """dynamo's compilation metrics added since ``before``, told apart by identity since dynamo
-    keeps only the latest ones."""
-    seen = {id(m) for m in before}
-    return [m for m in _metrics() if id(m) not in seen]
-
-
-def _optimizer_steps(spec: CompileSpec):
-    return contextlib.nullcontext() if spec.optimizer else eager_optimizer_steps()
-
-
 def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault], stats: CompileStats,
                  prefix: Optional[Prefix] = None) -> Callable:
     """``run`` as compiled by ``spec``: each graph the backend receives is counted into ``stats``
@@ -308,7 +185,7 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
     its own compile and run time."""
     import torch._dynamo
 
-    kwargs = _backend_kwargs(spec)
+    kwargs = backend_kwargs(spec)
     prefix = prefix if prefix is not None else Prefix()
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs):
@@ -327,12 +204,12 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
         torch._dynamo.reset()
         prefix.nodes.clear()
         prefix.graphs = 0
-        before = _metrics()
+        before = compilation_metrics()
         start = time.perf_counter()
-        with _optimizer_steps(spec):
+        with optimizer_steps(spec):
             out = compiled(module, inputs)
         wall = time.perf_counter() - start
-        metrics = _since(before)
+        metrics = metrics_since(before)
         if not stats.graphs:  # a vendor's compiler: dynamo's own count of the graphs it handed over
             stats.graphs.extend(m.graph_node_count for m in metrics if m.graph_node_count)
         stats.compile_s = sum(m.entire_frame_compile_time_s or 0.0 for m in metrics)
@@ -343,43 +220,13 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
     return call
 
 
-class CompiledStep:
-    """``fn()`` compiled once by ``spec`` for repeated calls (a benchmark's step): the optimizer
-    step stays eager unless ``spec.optimizer``. ``compile_s`` and ``graphs`` sum dynamo's
-    compilation metrics over the calls so far, so a recompilation in the timed rounds shows."""
-
-    def __init__(self, spec: CompileSpec, fn: Callable[[], Any]):
-        import torch._dynamo
-
-        torch._dynamo.reset()
-        self.spec = spec
-        kwargs = _backend_kwargs(spec)
-        backend = lookup = torch._dynamo.lookup_backend(spec.backend)
-        if kwargs:
-            def backend(gm, example_inputs):
-                return lookup(gm, example_inputs, **kwargs)
-        compiled = spec.compiler(fn, spec) if spec.compiler is not None else None
-        self.fn = compiled if compiled is not None else torch.compile(fn, backend=backend, fullgraph=spec.fullgraph)
-        self.compile_s, self.graphs, self.recompilations = 0.0, 0, 0
-
-    def __call__(self) -> Any:
-        before = _metrics()
-        with _optimizer_steps(self.spec):
-            out = self.fn()
-        metrics = _since(before)
-        self.compile_s += sum(m.entire_frame_compile_time_s or 0.0 for m in metrics)
-        self.graphs += sum(1 for m in metrics if m.graph_node_count)
-        self.recompilations += sum(1 for m in metrics if m.recompile_reason)
-        return out
-
-
 def count_breaks(spec: CompileSpec, run: Callable, module, inputs, stats: CompileStats) -> None:
     """Fills ``stats.breaks`` with every graph break of ``run(module, inputs)``, its reason and user
     line, from dynamo's explain: one more run, eagerly, so give it copies. The optimizer steps run as
     in the compiled run."""
     dynamo = importlib.import_module("torch._dynamo")
     dynamo.reset()
-    with _optimizer_steps(spec):
+    with optimizer_steps(spec):
         explained = dynamo.explain(run)(module, inputs)
     dynamo.reset()
     stats.breaks = []

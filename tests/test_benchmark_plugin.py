@@ -9,7 +9,7 @@ from fixtures import benchmark as plugin
 from fixtures.steps import InferenceStep, TrainStep, Workload
 from markers import options
 from markers.state import STATE, SuiteState
-from parity import compiled
+from runtime import compiler as compiled
 from runtime.device import Device, resolve
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--train-limit", "4", "--val-limit", "2", "--batch-size", "2", "--threads", "1",
@@ -25,6 +26,10 @@ def run(out: Path, *args, timeout: float = 300):
     (["--max-steps", "0"], "--max-steps 0: expected >= 1"),
     (["--target-map", "2"], "--target-map 2.0: expected in [0, 1]"),
     (["--resume", "/nonexistent/checkpoint.pth"], "--resume /nonexistent/checkpoint.pth: no such checkpoint file"),
+    (["--compile-mode", "max-autotune"], "--compile-mode and --compile-options need --compile BACKEND"),
+    pytest.param(["--compile", "inductor", "--compile-options", "max_autotune"],
+                 "--compile-options 'max_autotune': expected KEY=VALUE, e.g. max_autotune=True",
+                 marks=pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile came with torch 2.0")),
 ])
 def test_a_bad_option_is_one_line_and_exit_2(tmp_path, args, message):
     done = run(tmp_path / "out", "--device", "cpu", *args, timeout=120)

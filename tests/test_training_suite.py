@@ -35,8 +35,16 @@ def test_training_runs_write_merged_reports(tmp_path):
     assert short.returncode == 1
     assert "did not reach the target 0.25 in 2 steps" in short.stdout
 
+    compiled = suite("-m", "training and 1x1", "--train-max-steps=2", "--compile", "aot_eager", report_dir=reports)
+    assert compiled.returncode == 1 and "did not reach the target 0.25 in 2 steps" in compiled.stdout
+    assert "[cpu 1x1 fp32 compiled aot_eager seed 42] epoch 0 step 1/2" in compiled.stdout
+    assert "| CPU 1x1 compiled aot_eager | fp32 |" in compiled.stdout
+
     data = json.loads((reports / "training_report.json").read_text())
-    rows = {r["config"]: r for r in data["rows"]}
+    compiled_row, = [r for r in data["rows"] if r["compiled"]]
+    assert compiled_row["compiled"] == "aot_eager" and compiled_row["compile"]["graphs"] >= 1
+    assert compiled_row["compile"]["backend_compile_s"] > 0
+    rows = {r["config"]: r for r in data["rows"] if not r["compiled"]}
     assert set(rows) == {"1x1", "1x8"}
     assert rows["1x8"]["world_size"] == 8 and rows["1x8"]["ranks_agree"] and rows["1x8"]["bounded"]
     assert rows["1x8"]["reference"] is None and rows["1x8"]["ddp_equivalence"]["passed"]

@@ -12,7 +12,7 @@ from runtime.files import CorruptReport, atomic_write, load_list_or_set_aside, l
 
 JSON_NAME = "training_report.json"
 MD_NAME = "training_report.md"
-ROW_KEY = ("config", "device", "precision", "model", "dataset")
+ROW_KEY = ("config", "device", "precision", "model", "dataset", "compiled")  # compiled: a --compile backend
 CONFIG_ORDER = {"1x1": 0, "1x8": 1, "2x8": 2}
 
 GENERAL_METRICS = (
@@ -99,7 +99,8 @@ PERF_HEADER = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train"
 def performance_rows(rows: Sequence[Dict[str, Any]]) -> List[List[str]]:
     return [
         [
-            f"{r.get('device_name', r.get('device'))} {r['config']}",
+            f"{r.get('device_name', r.get('device'))} {r['config']}"
+            + (f" compiled {r['compiled']}" if r.get("compiled") else ""),
             str(r.get("precision")),
             fix_hp_text(r.get("fix_hp") or {}),
             _fmt(r.get("e2e_time"), 0),

@@ -33,6 +33,7 @@ from detr.engine import PHASES, EpochStats, StepOptions, evaluate, train_one_epo
 from detr.misc import collate_fn
 from runtime import compat
 from runtime import distributed as D
+from runtime.compiler import CompileError, CompileSpec, compile_callable, make_spec
 from runtime.device import BACKENDS, VARIANTS, Device, DeviceError, collective_device, import_plugins
 from runtime.device import resolve as resolve_device
 from runtime.files import atomic_save, atomic_write, remove_temporaries
@@ -158,6 +159,11 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ddp-check-steps", type=int, default=2, metavar="N",
                    help="multi-rank jobs: check the first N steps' gradients and parameters against one process "
                         "on the global batch (0: off)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="run the model through torch.compile with this backend (inductor, aot_eager, a vendor's)")
+    p.add_argument("--compile-mode", default=None, metavar="MODE", help="torch.compile's mode, with --compile")
+    p.add_argument("--compile-options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend option with --compile; repeatable")
 
 
 def parse_overrides(items: List[str]) -> dict:
@@ -248,6 +254,19 @@ def check_args(args: argparse.Namespace) -> None:
         usage_error(f"--resume {args.resume}: no such checkpoint file")
 
 
+def compile_spec(args: argparse.Namespace) -> Optional[CompileSpec]:
+    """``--compile`` and its options, checked once the plugins (which register a vendor's backend)
+    are imported; a bad one is a usage error."""
+    if args.compile is None:
+        if args.compile_mode or args.compile_options:
+            usage_error("--compile-mode and --compile-options need --compile BACKEND")
+        return None
+    try:
+        return make_spec(args.compile, args.compile_mode, args.compile_options)
+    except CompileError as exc:
+        usage_error(str(exc))
+
+
 def recipe_changes(saved: Dict[str, Any], args: argparse.Namespace) -> Dict[str, List[Any]]:
     """{option: [the checkpoint's value, this run's]} for each recipe option that differs."""
     now = vars(args)
@@ -286,6 +305,7 @@ class Job:
     threads: int  # the CPU threads the device's kernels run on
     process_start: float
     progress: D.Progress
+    compile: Optional[CompileSpec] = None
 
     @property
     def output_dir(self) -> Path:
@@ -330,6 +350,7 @@ class Parts:
     scaler: Optional[Any]
     checker: Optional[DDPEquivalence]
     grad_fault: Optional[FaultyAllReduce]
+    compiled: Optional[Dict[str, Any]] = None  # with --compile: the backend, its graphs and compile seconds
 
 
 @dataclass
@@ -386,6 +407,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             args.eval_every = 0
     resolve(args, setup)
     check_args(args)
+    spec = compile_spec(args)
     overrides = parse_overrides(args.override)
     if args.model == setup["model"]:
         overrides = {**setup["overrides"], **overrides}
@@ -401,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         with xpu.kernels():
             # The device's kernels may run on fewer threads (cpu-alt: one); the report says what ran.
             return train(Job(args, info, xpu, backend, overrides, fault, synthetic, torch.get_num_threads(),
-                             process_start, progress))
+                             process_start, progress, spec))
     except DatasetError as exc:
         raise SystemExit(f"dataset: {exc}") from exc
     except Exception as exc:
@@ -506,6 +528,18 @@ def build_model(job: Job, data: Data) -> Parts:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if grad_fault is not None:
             model.register_comm_hook(None, grad_fault.hook)
+    compiled = None
+    if job.compile is not None:
+        compiled = {"backend": job.compile.backend, "mode": job.compile.mode, "graphs": 0, "graph_nodes": 0,
+                    "backend_compile_s": 0.0}
+
+        def on_graph(nodes: int, seconds: float) -> None:
+            compiled.update(graphs=compiled["graphs"] + 1, graph_nodes=compiled["graph_nodes"] + nodes,
+                            backend_compile_s=round(compiled["backend_compile_s"] + seconds, 3))
+
+        # the model, in DDP where there is one (dynamo then splits graphs at its buckets); the
+        # criterion's matching and the optimizer step run eagerly
+        model = compile_callable(job.compile, model, on_graph)
     recipe = detr.Recipe(args.lr, args.lr_backbone, args.weight_decay, args.clip_max_norm)
     optimizer = recipe.optimizer(model_without_ddp)
     autocast_dtype = AUTOCAST[args.precision]
@@ -524,7 +558,7 @@ def build_model(job: Job, data: Data) -> Parts:
     factor = lr_factor(args, len(data.loader_train))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return Parts(model, model_without_ddp, criterion, postprocess, optimizer, factor, lr_scheduler, autocast_dtype,
-                 scaler, checker, grad_fault)
+                 scaler, checker, grad_fault, compiled)
 
 
 def lr_factor(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int], float]:
@@ -775,7 +809,7 @@ def summarize(job: Job, data: Data, parts: Parts, run: Run) -> dict:
         "mem_actual_gib": mem_actual or None, "mem_total_gib": total_memory_gib(xpu),
         "curve": [{k: r[k] for k in ("epoch", "steps", "samples", "elapsed", "train_time", "mAP")}
                   for r in run.history if "mAP" in r],
-        "step_losses": [v / world for v in run.step_losses], "param_digests": digests,
+        "step_losses": [v / world for v in run.step_losses], "param_digests": digests, "compiled": parts.compiled,
         "ddp_equivalence": parts.checker.summary() if parts.checker is not None else {
             "checked_steps": [], "passed": None,
             "note": "one rank: nothing to check" if not info.enabled else

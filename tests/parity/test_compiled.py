@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.parts import PARTS
-from parity import compiled
 from parity.compare import compare_part
-from parity.compiled import CompileError, make_spec, parse_graph_fault
+from parity.compiled import parse_graph_fault
 from parity.localise import GraphNode, bisect
+from runtime import compiler
+from runtime.compiler import CompileError, make_spec
 from tests.test_fault_catalogue import tiny_parts
 
-pytestmark = pytest.mark.skipif(not compiled.available(), reason="torch.compile came with torch 2.0")
+pytestmark = pytest.mark.skipif(not compiler.available(), reason="torch.compile came with torch 2.0")
 
 # (what the miscompilation looks like, part, graph fault, the node it is bisected to: target, module)
 COMPILE_CATALOGUE = [
@@ -115,7 +116,7 @@ def test_a_bad_compile_request_says_what_is_accepted(monkeypatch):
         make_spec("inductor", options=["max_autotune"])
     assert make_spec("inductor", options=["max_autotune=False", "x=2"]).options == (("max_autotune", False),
                                                                                    ("x", 2))
-    monkeypatch.setattr(compiled, "available", lambda: False)
+    monkeypatch.setattr(compiler, "available", lambda: False)
     with pytest.raises(CompileError, match="has no torch.compile"):
         make_spec("inductor")
 
