@@ -112,6 +112,9 @@ def _add_compile_options(group, parser: pytest.Parser) -> None:
     group.addoption("--compile-no-bisect", action="store_true", default=False,
                     help="with --compile, do not bisect a failing compiled run to the first graph node whose "
                          "compilation fails it (1 + log2(nodes) more compiled runs of that part)")
+    group.addoption("--compile-bisect-passes", action="store_true", default=False,
+                    help="with --compile inductor, also drive Inductor's CompilerBisector with the suite's verdict "
+                         "to name the subsystem, pass or lowering of a failing compiled run (minutes a part)")
     parser.addini("compile", "default for --compile: a torch.compile backend", default=None)
 
 
@@ -175,14 +178,14 @@ def compile_spec(config: pytest.Config, compiler=None):
     backend = config.getoption("--compile") or config.getini("compile") or None
     if backend is None:
         for name in ("--compile-mode", "--compile-options", "--compile-fullgraph", "--compile-optimizer",
-                     "--compile-no-bisect"):
+                     "--compile-no-bisect", "--compile-bisect-passes"):
             if config.getoption(name):
                 raise pytest.UsageError(f"{name} needs --compile BACKEND")
         return None
     try:
         return make_spec(backend, config.getoption("--compile-mode"), config.getoption("--compile-options"),
                          config.getoption("--compile-fullgraph"), compiler, config.getoption("--compile-optimizer"),
-                         not config.getoption("--compile-no-bisect"))
+                         not config.getoption("--compile-no-bisect"), config.getoption("--compile-bisect-passes"))
     except CompileError as exc:
         raise pytest.UsageError(str(exc)) from None
 

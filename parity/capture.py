@@ -334,6 +334,15 @@ def capturing(root_module: Optional[torch.nn.Module] = None, faults: Sequence = 
         yield trace
 
 
+def capture_mode(keep: str = "tensors", spill: bool = False) -> Tuple["CaptureMode", Trace]:
+    """A capture mode not yet entered, and its trace: for code that enters it itself, such as the
+    aten graphs a compiler runs (under an active dispatch mode dynamo would not compile). Its ops
+    are attributed to no module."""
+    trace = Trace()
+    trace.store = TensorStore() if spill and keep == "tensors" else None
+    return CaptureMode(trace, _ModuleTracker(None), keep, (), trace.store), trace
+
+
 def capture(fn: Callable, *args, root_module: Optional[torch.nn.Module] = None,
             faults: Sequence = (), keep: str = "tensors", spill: bool = False, **kwargs) -> Tuple[Any, Trace]:
     """Runs ``fn(*args, **kwargs)`` (forward and, if ``fn`` calls it, backward) and returns its

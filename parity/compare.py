@@ -22,12 +22,21 @@ from runtime import compat
 from runtime.device import Device, resolve
 
 from . import ensemble
-from .capture import Trace, capture, cpu_copy
-from .compiled import CompileSpec, CompileStats, GraphFault, compiled_run, count_breaks, fullgraph_failure, split_faults
+from .capture import Trace, capture, capture_mode, cpu_copy
+from .compiled import (
+    CompileSpec,
+    CompileStats,
+    GraphFault,
+    compiled_run,
+    count_breaks,
+    decomposed_run,
+    fullgraph_failure,
+    split_faults,
+)
 from .errormodel import ErrorModel
 from .faults import FaultSpec, inject, never_fired, parse_fault, parse_faults
 from .judge import OutputJudgement, identical, identical_judgement, judge_integer
-from .localise import Localisation, Prefix, bisect
+from .localise import Localisation, Prefix, bisect, bisect_passes
 from .precision import Precision, cast_tree
 from .replay import OpCheck, ReplayResult, WholeRun, compare_runs, replay
 from .spill import spill_enabled
@@ -66,10 +75,13 @@ class PartResult:
     compile_stats: Optional[CompileStats] = None
     graph_faults: List[GraphFault] = field(default_factory=list)
     localised: Optional[Localisation] = None  # the node a failing compiled run is bisected to
+    decomposed: Optional[ReplayResult] = None  # the decomposed aten graphs' ops, replayed
+    decomposed_end_to_end: List[EndToEnd] = field(default_factory=list)  # the decomposed run's outputs
 
     @property
     def passed(self) -> bool:
-        return self.replay.passed and all(e.judgement.passed for e in self.end_to_end + self.compiled)
+        return self.replay.passed and (self.decomposed is None or self.decomposed.passed) and \
+            all(e.judgement.passed for e in self.end_to_end + self.decomposed_end_to_end + self.compiled)
 
     @property
     def ops_checked(self) -> int:
@@ -88,10 +100,12 @@ class PartResult:
     def first_failure(self) -> Optional[dict]:
         """The first failing op of isolated replay; else the first failing whole-run op or final
         output when only the end-to-end check failed; None when the part passed."""
-        check = self.replay.first_failure
-        if check is not None:
-            return {**_failure_fields(check.row()), "source": "isolated replay"}
-        for source, rows in (("end-to-end", self.end_to_end), ("compiled graph", self.compiled)):
+        for source, replayed in (("isolated replay", self.replay), ("decomposed graph", self.decomposed)):
+            check = replayed.first_failure if replayed is not None else None
+            if check is not None:
+                return {**_failure_fields(check.row()), "source": source}
+        for source, rows in (("end-to-end", self.end_to_end), ("decomposed graph", self.decomposed_end_to_end),
+                             ("compiled graph", self.compiled)):
             failing = [e for e in rows if not e.judgement.passed]
             if failing:
                 end = failing[0].row()
@@ -99,8 +113,7 @@ class PartResult:
                         "shapes": None,
                         **{k: end.get(k) for k in ("max_abs", "max_rel", "cosine", "rmse", "margin")},
                         "verdict": end["verdict"], "source": source,
-                        **({"node": vars(self.localised.node)} if source == "compiled graph" and self.localised
-                           and self.localised.node else {})}
+                        **({"node": vars(self.localised.node)} if self.localised and self.localised.node else {})}
         return None
 
     def rows(self) -> List[dict]:
@@ -143,7 +156,7 @@ class PartResult:
             lines.append("  injected faults: " + ", ".join(f"{f.spec} (fired {f.fired}x)" for f in self.all_faults))
         if self.compile_stats is not None:
             lines.append(f"  compiled with {self.compile_stats.summary()}")
-        if self.localised is not None and fail["source"] == "compiled graph":
+        if self.localised is not None:
             lines.append(f"  {self.localised.text()}")
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  re-run: {self.rerun_command(nodeid)}")
@@ -169,6 +182,11 @@ class PartResult:
             "compiled_end_to_end": [e.row() for e in self.compiled],
             "worst_compiled_margin": worst_compiled.judgement.margin if worst_compiled else None,
             "localised": self.localised.as_dict() if self.localised else None,
+            "decomposed": None if self.decomposed is None else {
+                "ops_checked": self.decomposed.checked, "ops_identical": self.decomposed.identical,
+                "worst_op_margin": self.decomposed.worst().margin if self.decomposed.worst() else None,
+                "ops": [c.row() for c in self.decomposed.checks],
+                "end_to_end": [e.row() for e in self.decomposed_end_to_end]},
         }
 
 
@@ -368,6 +386,25 @@ class _Comparison:
             return _execute(module, inputs, run, self.dut.device, self.precision.backend(self.dut.device),
                             self.precision.autocast(self.dut.device), self.seed, None, ())
 
+    def decomposed_runs(self, spec: CompileSpec) -> Tuple[ReplayResult, _Run]:
+        """The decomposed depth: the CPU baseline's decomposed aten graphs (Inductor's decompositions,
+        run eagerly) captured op by op and replayed on the device, and the device's own decomposed
+        run with the graph faults (fresh copies: the compiled run counts their firings)."""
+        cpu = torch.device("cpu")
+        mode, trace = capture_mode("tensors", spill_enabled())
+        module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, cpu)
+        _execute(module, inputs, decomposed_run(spec, self.run, (), mode), cpu,
+                 self.precision.backend(cpu, emulate_tf32=True),
+                 self.precision.autocast(cpu, self.precision.autocast_dtype(self.dut.device)), self.seed, None, ())
+        replayed = replay(trace, self.dut.device, self.precision, self.model, self.faults, self.dut.kernels)
+        faults = [dataclasses.replace(f, fired=0) for f in self.graph_faults]
+        module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
+        with self.dut.kernels():
+            run = _execute(module, inputs, decomposed_run(spec, self.run, faults), self.dut.device,
+                           self.precision.backend(self.dut.device), self.precision.autocast(self.dut.device),
+                           self.seed, None, ())
+        return replayed, run
+
     def golden_run(self) -> _Run:
         """The float64 CPU run (fp32 backend switches, no autocast)."""
         if self.golden is None:
@@ -442,8 +479,11 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     for long runs whose every op another check already replays. ``compile`` runs the device once
     more through ``torch.compile`` (:mod:`parity.compiled`) and judges that run's outputs and
     gradients end to end too; faults ``compiled.*`` apply to its graphs only, aten faults to the
-    eager run and replay only. A failing compiled run is bisected to the first graph node whose
-    compilation fails it (:mod:`parity.localise`), unless ``compile.bisect`` is off.
+    eager run and replay only. The decomposed depth runs the graphs through AOTAutograd with
+    Inductor's decompositions, eagerly: the CPU's decomposed ops are replayed on the device one by
+    one, and the device's decomposed run is judged end to end. A failing compiled run is bisected
+    to the first graph node whose compilation fails it (:mod:`parity.localise`), unless
+    ``compile.bisect`` is off.
     """
     job = _setup(part, build, inputs, run, device, precision, faults, model, seed, keep if whole_run else None,
                  ensemble_size)
@@ -457,16 +497,24 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     same = all(e.judgement.kind == "identical" for e in end_to_end)
     whole = compare_runs(job.golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
     notes = _notes(same, replayed, whole, job.faults)
-    compiled, stats, localised = _compiled(job, compile, baseline, notes) if compile is not None \
-        else ([], None, None)
+    compiled, stats, localised, decomposed, decomposed_rows = _compiled(job, compile, baseline, notes) \
+        if compile is not None else ([], None, None, None, [])
     return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults, notes,
                       ensemble_size=len(job.members) + 1 if job.members else 0, compiled=compiled,
-                      compile_stats=stats, graph_faults=job.graph_faults, localised=localised)
+                      compile_stats=stats, graph_faults=job.graph_faults, localised=localised,
+                      decomposed=decomposed, decomposed_end_to_end=decomposed_rows)
 
 
 def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[str]):
-    """The compiled run judged end to end (each name prefixed ``compiled``), what it compiled, and,
-    when it fails, the node it is bisected to (unless ``spec.bisect`` is off)."""
+    """The decomposed depth (its ops replayed, its outputs end to end, each name prefixed
+    ``decomposed``); the compiled run judged end to end (prefixed ``compiled``); what it compiled;
+    and, when it fails, the node it is bisected to (unless ``spec.bisect`` is off)."""
+    decomposed, decomposed_run = job.decomposed_runs(spec)
+    decomposed_rows = [EndToEnd(f"decomposed {e.name}", e.judgement)
+                       for e in _end_to_end(job.golden_run, baseline, decomposed_run, job.ensemble_runs)]
+    if not decomposed.checks:
+        notes.append("decomposed graph: no aten graph ran under capture (dynamo compiled nothing), so no op of it "
+                     "was replayed")
     stats, prefix = CompileStats(spec.backend), Prefix()
     run = job.compiled_device_run(spec, stats, prefix)
     judged = [EndToEnd(f"compiled {e.name}", e.judgement)
@@ -484,14 +532,14 @@ def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[s
     notes += [f"graph break: {b.text()}" for b in dict.fromkeys(stats.breaks)]
     notes += [f"fault {f.spec!r} never fired: no node of the compiled graphs matches it"
               for f in never_fired(job.graph_faults)]
-    return judged, stats, localised
+    return judged, stats, localised, decomposed, decomposed_rows
 
 
 def _localise(job: _Comparison, spec: CompileSpec, baseline: _Run, prefix: Prefix, first: EndToEnd) -> Localisation:
     """Bisects the failing compiled run to the first node whose compilation fails it, with the same
     end-to-end verdict (golden and ensemble made once) as the good/bad test."""
 
-    def probe(budget: int):
+    def probe(budget: Optional[int]):
         faults = [dataclasses.replace(f, fired=0) for f in job.graph_faults]
         run = job.compiled_device_run(spec, CompileStats(spec.backend), Prefix(budget), faults, breaks=False)
         judged = [EndToEnd(f"compiled {e.name}", e.judgement)
@@ -499,7 +547,10 @@ def _localise(job: _Comparison, spec: CompileSpec, baseline: _Run, prefix: Prefi
         failing = [e for e in judged if not e.judgement.passed]
         return bool(failing), _briefly(failing[0] if failing else _worst(judged))
 
-    return bisect(probe, list(prefix.nodes), _briefly(first))
+    found = bisect(probe, list(prefix.nodes), _briefly(first))
+    if spec.bisect_passes:
+        found.passes = bisect_passes(lambda: not probe(None)[0])
+    return found
 
 
 def _briefly(row: Optional[EndToEnd]) -> str:

@@ -220,6 +220,29 @@ def compiled_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault],
     return call
 
 
+def decomposed_run(spec: CompileSpec, run: Callable, faults: Sequence[GraphFault], mode=None) -> Callable:
+    """``run`` through dynamo and AOTAutograd with Inductor's decompositions and partitioner, each
+    forward and backward aten graph run eagerly, under ``mode`` when given (a capture): the graph
+    a backend lowers, before its own lowering. Graph faults rewrite dynamo's graphs first."""
+    import torch._dynamo
+    from torch._dynamo.backends import debugging
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        apply_graph_faults(gm, faults)
+        if mode is None:
+            return debugging.aot_eager_decomp_partition(gm, example_inputs)
+        return debugging.aot_eager_decomp_partition_with_mode(gm, example_inputs, mode=mode)
+
+    compiled = torch.compile(run, backend=backend)
+
+    def call(module, inputs):
+        torch._dynamo.reset()
+        with optimizer_steps(spec):
+            return compiled(module, inputs)
+
+    return call
+
+
 def count_breaks(spec: CompileSpec, run: Callable, module, inputs, stats: CompileStats) -> None:
     """Fills ``stats.breaks`` with every graph break of ``run(module, inputs)``, its reason and user
     line, from dynamo's explain: one more run, eagerly, so give it copies. The optimizer steps run as

@@ -148,8 +148,12 @@ class Localisation:
     node: Optional[GraphNode]
     total: int
     probes: List[Probe]
+    passes: Optional[str] = None  # what Inductor's CompilerBisector found, when asked
 
     def text(self) -> str:
+        return self._nodes() + (f"; {self.passes}" if self.passes else "")
+
+    def _nodes(self) -> str:
         runs = len(self.probes)
         if not self.total:
             return "no node to bisect: the backend saw no graph (a vendor's compiler hands none over)"
@@ -165,7 +169,7 @@ class Localisation:
 
     def as_dict(self) -> dict:
         return {"node": vars(self.node) if self.node else None, "total": self.total,
-                "probes": [vars(p) for p in self.probes], "text": self.text()}
+                "probes": [vars(p) for p in self.probes], "passes": self.passes, "text": self.text()}
 
 
 def _first(budget: int) -> str:
@@ -191,3 +195,23 @@ def bisect(probe: Callable[[int], Tuple[bool, str]], nodes: List[GraphNode], wor
         probes.append(Probe(middle, failed, seen))
         good, bad = (good, middle) if failed else (middle, bad)
     return Localisation(nodes[bad - 1], total, probes)
+
+
+def bisect_passes(passes: Callable[[], bool]) -> str:
+    """Drives Inductor's ``CompilerBisector`` with ``passes()``, the suite's verdict on one more
+    compiled run: it tries dynamo alone, AOTAutograd, the decompositions, then Inductor with each
+    subsystem (graph passes, config changes, lowerings) disabled or bisected in turn. Its runs
+    compile with its own backend, so graph faults do not act in them."""
+    try:
+        from torch._inductor.compiler_bisector import CompilerBisector
+    except ImportError:
+        return f"passes not bisected: torch {torch.__version__} has no torch._inductor.compiler_bisector"
+    found = CompilerBisector.do_bisect(passes)
+    if found is None:
+        return "CompilerBisector: every stage passed, so the failure did not reproduce under its backends"
+    text = f"CompilerBisector, judged by this suite: the failure is in {found.backend}"
+    if found.subsystem:
+        text += f", subsystem {found.subsystem}"
+        if found.bisect_number:
+            text += f" (its application #{found.bisect_number}: {found.debug_info})"
+    return text

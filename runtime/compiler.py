@@ -27,6 +27,7 @@ class CompileSpec:
     compiler: Optional[Callable[[Callable, "CompileSpec"], Callable]] = None
     optimizer: bool = False  # also compile optimizer steps (see :func:`eager_optimizer_steps`)
     bisect: bool = True  # bisect a failing compiled run to its node (:mod:`parity.localise`)
+    bisect_passes: bool = False  # and, with inductor, to its subsystem or pass (CompilerBisector)
 
     def rerun_options(self) -> List[Tuple[str, str]]:
         options = [("--compile", self.backend)]
@@ -34,6 +35,7 @@ class CompileSpec:
         options += [("--compile-options", f"{k}={v}") for k, v in self.options]
         options += [("--compile-optimizer", "")] if self.optimizer else []
         options += [] if self.bisect else [("--compile-no-bisect", "")]
+        options += [("--compile-bisect-passes", "")] if self.bisect_passes else []
         return options + ([("--compile-fullgraph", "")] if self.fullgraph else [])
 
 
@@ -66,7 +68,8 @@ def parse_option(text: str) -> Tuple[str, Any]:
 
 
 def make_spec(backend: str, mode: Optional[str] = None, options: Sequence[str] = (), fullgraph: bool = False,
-              compiler: Optional[Callable] = None, optimizer: bool = False, bisect: bool = True) -> CompileSpec:
+              compiler: Optional[Callable] = None, optimizer: bool = False, bisect: bool = True,
+              bisect_passes: bool = False) -> CompileSpec:
     """A checked :class:`CompileSpec`; :class:`CompileError` says what is wrong and what is accepted."""
     if not available():
         raise CompileError(f"--compile {backend}: torch {torch.__version__} has no torch.compile (it came with "
@@ -79,7 +82,9 @@ def make_spec(backend: str, mode: Optional[str] = None, options: Sequence[str] =
         modes = list(importlib.import_module("torch._inductor").list_mode_options())
         if mode not in modes:
             raise CompileError(f"--compile-mode {mode!r}: inductor knows {', '.join(modes)}")
-    return CompileSpec(backend, mode, parsed, fullgraph, compiler, optimizer, bisect)
+    if bisect_passes and backend != "inductor":
+        raise CompileError(f"--compile-bisect-passes bisects Inductor's passes; the backend is {backend!r}")
+    return CompileSpec(backend, mode, parsed, fullgraph, compiler, optimizer, bisect, bisect_passes)
 
 
 def backend_kwargs(spec: CompileSpec) -> Dict[str, Any]:

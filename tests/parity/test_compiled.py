@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.parts import PARTS
+from parity import localise
 from parity.compare import compare_part
 from parity.compiled import parse_graph_fault
 from parity.localise import GraphNode, bisect
@@ -47,6 +48,9 @@ def check(parts, part, faults=(), **spec):
 def test_inductor_on_this_cpu_passes(parts, part):
     result = check(parts, part)
     assert result.passed, result.failure_message()
+    # the decomposed depth replayed the aten ops of Inductor's decomposed graphs, each within its allowance
+    decomposed = result.to_dict()["decomposed"]
+    assert decomposed["ops_checked"] > 0 and decomposed["end_to_end"] and result.decomposed.passed
     stats = result.to_dict()["compiled"]
     assert stats["backend"] == "inductor" and stats["graphs"] >= 1 and stats["compile_s"] > 0
     assert result.compiled and all(e.name.startswith("compiled ") for e in result.compiled)
@@ -58,11 +62,15 @@ def test_each_miscompilation_is_caught_and_bisected_to_its_node(parts, bug, part
     # finds redundant, so it can absorb a cast-shaped fault (the matcher's softmax then passes)
     result = check(parts, part, [spec], backend="aot_eager")
     assert not result.passed and result.replay.passed, "the eager run must pass: the fault is in the graph only"
+    # dynamo's graph is rewritten before the decompositions, so the decomposed run fails first; its
+    # ops, replayed one by one from the CPU's unfaulted graph, pass: each is computed right
     failure = result.first_failure
-    assert failure["source"] == "compiled graph" and failure["margin"] > 1, failure
+    assert failure["source"] == "decomposed graph" and failure["margin"] > 1, failure
+    assert result.decomposed.passed and result.decomposed.checked > 0
+    assert any(not e.judgement.passed for e in result.compiled)
     assert result.graph_faults[0].fired >= 1 and not result.never_fired
     assert f"--inject-fault {spec}" in result.rerun_command()
-    assert "compiled graph failed" in result.failure_message()
+    assert "decomposed graph failed" in result.failure_message()
     # the first node the fault rewrites is the one whose compilation turns the run from pass to fail
     node = result.localised.node
     assert (node.target, node.module) == culprit, result.localised.text()
@@ -151,3 +159,20 @@ def test_a_failure_with_every_node_eager_blames_no_node():
     found = bisect(lambda budget: (True, "fails anyway"), nodes, "whole run")
     assert found.node is None and len(found.probes) == 2
     assert "failure is in dynamo's tracing, not the backend" in found.text()
+
+
+def test_compiler_bisector_is_driven_by_the_suites_verdict(monkeypatch):
+    bisector = pytest.importorskip("torch._inductor.compiler_bisector")
+    verdicts = []
+
+    def do_bisect(fn):
+        verdicts.append(fn())
+        return bisector.BisectionResult("inductor", "inductor_layout_optimization", 0, "inductor_layout_optimization")
+
+    monkeypatch.setattr(bisector.CompilerBisector, "do_bisect", do_bisect)
+    text = localise.bisect_passes(lambda: False)
+    assert verdicts == [False]
+    assert text == "CompilerBisector, judged by this suite: the failure is in inductor, subsystem " \
+                   "inductor_layout_optimization"
+    with pytest.raises(CompileError, match="bisects Inductor's passes; the backend is 'aot_eager'"):
+        make_spec("aot_eager", bisect_passes=True)
