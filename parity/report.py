@@ -187,8 +187,12 @@ def _compiled_summary(entries: List[dict]) -> str:
         return ""
     margins = [e["worst_compiled_margin"] for e in entries if isinstance(e.get("worst_compiled_margin"), float)]
     worst = f"worst margin {_num(max(margins))}" if margins else "bit-identical to the baseline"
-    return (f", compiled with {compiled[0]['backend']}: {sum(c['graphs'] for c in compiled)} graph(s), "
-            f"{sum(c['breaks'] for c in compiled)} break(s), {worst}")
+    decomposed = [e["decomposed"] for e in entries if e.get("decomposed")]
+    replayed = f"{sum(d['ops_checked'] for d in decomposed)} decomposed ops replayed, " if decomposed else ""
+    nodes = [e["localised"]["node"] for e in entries if (e.get("localised") or {}).get("node")]
+    culprit = f", bisected to node #{nodes[0]['index']} {nodes[0]['target']} in {nodes[0]['module']}" if nodes else ""
+    return (f", {replayed}compiled with {compiled[0]['backend']}: {sum(c['graphs'] for c in compiled)} graph(s), "
+            f"{sum(c['breaks'] for c in compiled)} break(s), {worst}{culprit}")
 
 
 def summary_lines(tests: Iterable[Any]) -> List[str]:

@@ -13,6 +13,7 @@ from parity import localise
 from parity.compare import compare_part
 from parity.compiled import parse_graph_fault
 from parity.localise import GraphNode, bisect
+from parity.report import summary_lines
 from runtime import compiler
 from runtime.compiler import CompileError, make_spec
 from tests.test_fault_catalogue import tiny_parts
@@ -176,3 +177,11 @@ def test_compiler_bisector_is_driven_by_the_suites_verdict(monkeypatch):
                    "inductor_layout_optimization"
     with pytest.raises(CompileError, match="bisects Inductor's passes; the backend is 'aot_eager'"):
         make_spec("aot_eager", bisect_passes=True)
+
+
+def test_the_summary_line_names_the_depths_and_the_culprit(parts):
+    result = check(parts, "position encoding (sine)", ["compiled.mul:scalar=drop"], backend="aot_eager")
+    (line,) = summary_lines([result])
+    assert line.startswith("FAIL position encoding (sine) [fp32]")
+    assert f"{result.decomposed.checked} decomposed ops replayed, compiled with aot_eager: 1 graph(s)" in line
+    assert "bisected to node #7 operator.mul in encoding" in line
