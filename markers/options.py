@@ -164,6 +164,10 @@ def _add_training_options(group) -> None:
     group.addoption("--seeds", type=int, default=1,
                     help="training: device runs with seeds 42, 43, ...; against reference seeds their mean is judged "
                          "(more runs narrow the interval), against one curve or a target every run")
+    group.addoption("--sign-off", action="store_true", default=False,
+                    help=f"training: the sign-off verdict against reference seeds, the default one and a one-sided "
+                         f"test that the curve mean is not lower; needs --seeds {SIGN_OFF_RUNS} or more, the runs its "
+                         "power was measured for (README)")
     group.addoption("--convergence-tolerance", type=float, default=None,
                     help="training: absolute AP allowed on top of the verdict (default: 0 against reference seeds, "
                          f"whose prediction interval covers run-to-run spread; {TOLERANCE} against one curve or a "
@@ -311,6 +315,8 @@ TRAINING_RANGES = (
 )
 
 
+# The device runs the sign-off's power was measured for (training.power --sign-off, README).
+SIGN_OFF_RUNS = 5
 # The most nodes a topology marker asks for (2x8).
 MAX_MARKED_NODES = 2
 
@@ -326,6 +332,10 @@ def check_training_options(config: pytest.Config) -> None:
                                 f"0..{(nnodes or MAX_MARKED_NODES) - 1}; a rank outside them would wait for the "
                                 "others until the timeout")
     check_train_args(config.getoption("--train-arg"))
+    if config.getoption("--sign-off") and config.getoption("--seeds") < SIGN_OFF_RUNS:
+        raise pytest.UsageError(f"--sign-off needs --seeds {SIGN_OFF_RUNS} or more: its power to catch a device "
+                                f"needing 1.25x the samples or reaching 0.85x the mAP was measured for "
+                                f"{SIGN_OFF_RUNS} runs (README), got --seeds {config.getoption('--seeds')}")
     curve = config.getoption("--reference-curve")
     if curve is not None:
         try:

@@ -188,3 +188,44 @@ def test_the_published_target_judges_the_best_map_of_every_run():
     verdict = judge_target(runs, 0.42, 0.05, "FlagPerf")
     assert verdict.passed and verdict.device_final == 0.39 and "published target (FlagPerf)" in verdict.method
     assert not judge_target(runs, 0.42, 0.02, "FlagPerf").passed
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.05, 0.6), min_size=2, max_size=8), st.floats(0.001, 0.05), st.integers(1, 6),
+       st.floats(0.0, 2.0))
+def test_the_sign_off_fails_a_device_below_its_floor_and_never_one_above_the_mean(means, sd, runs, above):
+    """One-sided on the curve mean: any device at or above the seeds' mean passes, however far; one
+    whose every point sits lower than the one-sided interval fails."""
+    from training.convergence import judge_sign_off, sign_off
+
+    samples = [1000.0 * (k + 1) for k in range(len(means))]
+    reference = _seeds(means, [sd] * len(means), samples)
+    mean_curve = [{"samples": s, "mAP": sum(c[k]["mAP"] for c in reference) / 5} for k, s in enumerate(samples)]
+    higher = [{**p, "mAP": p["mAP"] + above} for p in mean_curve]
+    assert sign_off([higher] * runs, reference).passed
+    curve_means = [sum(p["mAP"] for p in c) / len(samples) for c in reference]
+    floor = stats.t.ppf(0.99, 4) * statistics.stdev(curve_means) * (1 / runs + 1 / 5) ** 0.5
+    lower = [{**p, "mAP": p["mAP"] - floor - 1e-3} for p in mean_curve]
+    verdict = sign_off([lower] * runs, reference)
+    assert not verdict.passed and verdict.method.startswith(f"sign-off: the curve mean of {runs} run(s)")
+    assert not judge_sign_off([lower] * runs, reference).passed
+    # within the two-sided interval but below the one-sided floor: only the sign-off fails it
+    assert floor < _half_width(curve_means, runs)
+
+
+@pytest.mark.parametrize("runs, seed", [(1, 0), (5, 1)])
+def test_the_sign_off_keeps_its_false_positive_rate(runs, seed):
+    """Runs drawn like the reference (as above, 20 seeds): the one-sided test fails at most at 1 %."""
+    import numpy as np
+
+    from training.convergence import sign_off
+
+    rng = np.random.default_rng(seed)
+    samples = np.arange(1, 11) * 1024.0
+    shape = 0.42 * (1 - np.exp(-samples / 8000))
+    trials, failed = 3000, 0
+    for _ in range(trials):
+        drawn = shape + rng.normal(0, 0.01, (runs + 20, 1)) + rng.normal(0, 0.008, (runs + 20, len(samples)))
+        curves = [[{"samples": s, "mAP": float(m)} for s, m in zip(samples, r)] for r in drawn]
+        failed += not sign_off(curves[:runs], curves[runs:]).passed
+    assert 0.004 <= failed / trials <= 0.01 + 3 * (0.01 * 0.99 / trials) ** 0.5, failed / trials

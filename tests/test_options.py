@@ -40,6 +40,7 @@ def pytest_run(*args, cwd=ROOT):
         (["--compile", "nosuchbackend"], "--compile 'nosuchbackend': unknown backend; torch.compile knows"),
         (["--compile-mode", "max-autotune"], "--compile-mode needs --compile BACKEND"),
         (["--compile-no-bisect"], "--compile-no-bisect needs --compile BACKEND"),
+        (["--sign-off", "--seeds", "3"], "--sign-off needs --seeds 5 or more"),
         (["--compile", "aot_eager", "--compile-bisect-passes"], "bisects Inductor's passes; the backend is"),
         (["--compile", "inductor", "--compile-options", "max_autotune"], "expected KEY=VALUE"),
         (["--inject-fault", "compiled.softmax:dtype=bf16"], "a graph fault needs --compile BACKEND"),

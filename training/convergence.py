@@ -109,23 +109,12 @@ def _statistics(curve: Curve, samples: Sequence[float]) -> Tuple[float, float]:
     return values[-1], sum(values) / len(values)
 
 
-def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float = 0.0,
-                        false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
-    """The device's runs against the reference seeds, read at the evaluations every run made (the
-    reference interpolated at the same trained samples), by two statistics: the final mAP, and the
-    curve's mean over those evaluations (a run that gets there late, or early, moves it). The mean
-    of the m runs' values must lie inside ``mean +- (tolerance + t * sd * sqrt(1/m + 1/n))`` of the
-    n seeds' values, the prediction interval of the mean of m more runs, with t the Student
-    quantile at ``false_positive_rate`` split over the two statistics (Bonferroni). A device whose
-    runs are distributed like the reference's fails with probability at most
-    ``false_positive_rate`` (normal mAPs), and more runs narrow the interval by averaging out the
-    seeds' spread; ``tolerance`` (absolute AP) is allowed on top. Evaluations beyond the
-    reference's last one, or beyond the shortest run, are not judged."""
+def _aligned(device_curves: Sequence[Curve], reference_curves: Sequence[Curve]):
+    """(trained samples judged, the device runs' (final, curve mean) each, the seeds' each): read at
+    the evaluations every run made, the reference interpolated at the same trained samples."""
     n = len(reference_curves)
     if n < 2:
         raise ValueError(f"need at least 2 reference seeds for a prediction interval, got {n}")
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
 
     def last(c: Curve) -> float:
         return max((float(p["samples"]) for p in c if p.get("mAP") is not None), default=-1.0)
@@ -142,10 +131,27 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
     ]
     if not samples:
         raise ValueError("no evaluation of the device lies within the reference curves' trained samples")
-    m = len(runs)
+    return samples, [_statistics(c, samples) for c in runs], [_statistics(r, samples) for r in reference_curves]
+
+
+def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tolerance: float = 0.0,
+                        false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
+    """The device's runs against the reference seeds, read at the evaluations every run made (the
+    reference interpolated at the same trained samples), by two statistics: the final mAP, and the
+    curve's mean over those evaluations (a run that gets there late, or early, moves it). The mean
+    of the m runs' values must lie inside ``mean +- (tolerance + t * sd * sqrt(1/m + 1/n))`` of the
+    n seeds' values, the prediction interval of the mean of m more runs, with t the Student
+    quantile at ``false_positive_rate`` split over the two statistics (Bonferroni). A device whose
+    runs are distributed like the reference's fails with probability at most
+    ``false_positive_rate`` (normal mAPs), and more runs narrow the interval by averaging out the
+    seeds' spread; ``tolerance`` (absolute AP) is allowed on top. Evaluations beyond the
+    reference's last one, or beyond the shortest run, are not judged."""
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    samples, runs, reference = _aligned(device_curves, reference_curves)
+    m, n = len(runs), len(reference)
     t = float(stats.t.ppf(1 - false_positive_rate / (2 * 2), n - 1))
-    device = [sum(v) / m for v in zip(*(_statistics(c, samples) for c in runs))]
-    reference = [_statistics(r, samples) for r in reference_curves]
+    device = [sum(v) / m for v in zip(*runs)]
     worst, shown = None, []
     for k, name in enumerate(("final mAP", "curve mean")):
         ref = [r[k] for r in reference]
@@ -160,6 +166,37 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
     )
     final_reference = sum(r[0] for r in reference) / n
     return Verdict(worst <= 1e-9, device[0], final_reference, tolerance, method)  # 1e-9: rounding of the mean
+
+
+def sign_off(device_curves: Sequence[Curve], reference_curves: Sequence[Curve],
+             false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
+    """The sign-off's one-sided test: the mean of the m runs' curve means (their mAP averaged over
+    the evaluations, as :func:`judge_against_seeds` reads them) must not lie below the n seeds'
+    mean by more than ``t * sd * sqrt(1/m + 1/n)``, t the one-sided Student quantile at
+    ``false_positive_rate``. A slower device (its mAPs reached later) and a worse one (lower mAPs)
+    both lower the curve mean, and asking only whether the device is worse spends the whole rate on
+    that side; a device far better than the reference is left to :func:`judge_against_seeds`."""
+    samples, runs, reference = _aligned(device_curves, reference_curves)
+    m, n = len(runs), len(reference)
+    t = float(stats.t.ppf(1 - false_positive_rate, n - 1))
+    device = sum(r[1] for r in runs) / m
+    ref = [r[1] for r in reference]
+    mean = sum(ref) / n
+    floor = mean - t * statistics.stdev(ref) * math.sqrt(1 / m + 1 / n)
+    method = (f"sign-off: the curve mean of {m} run(s) {device:.4f} against {n} reference seeds' {mean:.4f}, "
+              f"one-sided, at least {floor:.4f} (false-positive rate {false_positive_rate:g}, up to "
+              f"{samples[-1]:.0f} samples)")
+    return Verdict(device >= floor - 1e-9, sum(r[0] for r in runs) / m, sum(r[0] for r in reference) / n, 0.0,
+                   method)
+
+
+def judge_sign_off(device_curves: Sequence[Curve], reference_curves: Sequence[Curve],
+                   tolerance: float = 0.0) -> Verdict:
+    """The sign-off verdict: :func:`judge_against_seeds` and :func:`sign_off`, both passed."""
+    both = judge_against_seeds(device_curves, reference_curves, tolerance)
+    worse = sign_off(device_curves, reference_curves)
+    return Verdict(both.passed and worse.passed, both.device_final, both.reference_final, tolerance,
+                   f"{both.method}; {worse.method}")
 
 
 def judge_target(device_curves: Sequence[Curve], target: float, tolerance: float, source: str) -> Verdict:

@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .convergence import Curve, judge_against_seeds, read_curve_file
+from .convergence import Curve, judge_against_seeds, judge_sign_off, read_curve_file
 from .make_references import DEFAULT
 
 DRAWS = 2000  # sets judged per rate at most: the rate's standard error is then at most 1.1 %
@@ -49,23 +49,26 @@ def subsets(n: int, runs: int, draws: int = DRAWS, seed: int = 0) -> List[tuple]
 
 
 def detection_rate(curves: Sequence[Curve], change: Callable[[Curve, float], Curve], factor: float,
-                   runs: int = 1, draws: int = DRAWS, **judge_options) -> float:
+                   runs: int = 1, draws: int = DRAWS, judge: Callable = judge_against_seeds,
+                   **judge_options) -> float:
     """The fraction of the ``runs``-subsets of ``curves`` (see :func:`subsets`), changed by
-    ``factor``, that the verdict fails against the remaining curves."""
+    ``factor``, that ``judge`` (the default verdict, or :func:`judge_sign_off`) fails against the
+    remaining curves."""
     failed = total = 0
     for chosen in subsets(len(curves), runs, draws):
         device = [change(curves[k], factor) for k in chosen]
         reference = [c for k, c in enumerate(curves) if k not in chosen]
-        failed += not judge_against_seeds(device, reference, **judge_options).passed
+        failed += not judge(device, reference, **judge_options).passed
         total += 1
     return failed / total
 
 
-def power_table(curves: Sequence[Curve], runs: Sequence[int] = (1, 3)) -> Dict[str, List[List[float]]]:
+def power_table(curves: Sequence[Curve], runs: Sequence[int] = (1, 3),
+                judge: Callable = judge_against_seeds) -> Dict[str, List[List[float]]]:
     """{"stretched"|"lowered": [[factor, rate for each m in runs], ...]}."""
     table = {}
     for name, change, factors in (("stretched", stretched, STRETCHES), ("lowered", lowered, LOWERINGS)):
-        table[name] = [[f] + [detection_rate(curves, change, f, m) for m in runs] for f in factors]
+        table[name] = [[f] + [detection_rate(curves, change, f, m, judge=judge) for m in runs] for f in factors]
     return table
 
 
@@ -74,9 +77,11 @@ def main(argv: Sequence[str] = ()) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--curves", type=Path, default=DEFAULT, help="a reference file (default: the shipped one)")
     p.add_argument("--runs", type=int, nargs="+", default=[1, 3], help="device runs per verdict (default 1 3)")
+    p.add_argument("--sign-off", action="store_true",
+                   help="the sign-off verdict (the default one and the one-sided curve-mean test, both passed)")
     args = p.parse_args(list(argv) or None)
     curves, _ = read_curve_file(args.curves)
-    table = power_table(curves, args.runs)
+    table = power_table(curves, args.runs, judge_sign_off if args.sign_off else judge_against_seeds)
     header = " | ".join(f"{m} run{'s' if m > 1 else ''}" for m in args.runs)
     for name, rows in table.items():
         what = "samples needed (x)" if name == "stretched" else "mAP reached (x)"
