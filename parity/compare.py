@@ -386,17 +386,20 @@ class _Comparison:
             return _execute(module, inputs, run, self.dut.device, self.precision.backend(self.dut.device),
                             self.precision.autocast(self.dut.device), self.seed, None, ())
 
-    def decomposed_runs(self, spec: CompileSpec) -> Tuple[ReplayResult, _Run]:
+    def decomposed_runs(self, spec: CompileSpec, replay_ops: bool) -> Tuple[ReplayResult, _Run]:
         """The decomposed depth: the CPU baseline's decomposed aten graphs (Inductor's decompositions,
-        run eagerly) captured op by op and replayed on the device, and the device's own decomposed
-        run with the graph faults (fresh copies: the compiled run counts their firings)."""
-        cpu = torch.device("cpu")
-        mode, trace = capture_mode("tensors", spill_enabled())
-        module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, cpu)
-        _execute(module, inputs, decomposed_run(spec, self.run, (), mode), cpu,
-                 self.precision.backend(cpu, emulate_tf32=True),
-                 self.precision.autocast(cpu, self.precision.autocast_dtype(self.dut.device)), self.seed, None, ())
-        replayed = replay(trace, self.dut.device, self.precision, self.model, self.faults, self.dut.kernels)
+        run eagerly) captured op by op and replayed on the device (unless not ``replay_ops``), and
+        the device's own decomposed run with the graph faults (fresh copies: the compiled run counts
+        their firings)."""
+        replayed = ReplayResult([])
+        if replay_ops:
+            cpu = torch.device("cpu")
+            mode, trace = capture_mode("tensors", spill_enabled())
+            module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, cpu)
+            _execute(module, inputs, decomposed_run(spec, self.run, (), mode), cpu,
+                     self.precision.backend(cpu, emulate_tf32=True),
+                     self.precision.autocast(cpu, self.precision.autocast_dtype(self.dut.device)), self.seed, None, ())
+            replayed = replay(trace, self.dut.device, self.precision, self.model, self.faults, self.dut.kernels)
         faults = [dataclasses.replace(f, fired=0) for f in self.graph_faults]
         module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
         with self.dut.kernels():
@@ -497,7 +500,7 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     same = all(e.judgement.kind == "identical" for e in end_to_end)
     whole = compare_runs(job.golden_run().trace, baseline.trace, result.trace) if whole_run and not same else None
     notes = _notes(same, replayed, whole, job.faults)
-    compiled, stats, localised, decomposed, decomposed_rows = _compiled(job, compile, baseline, notes) \
+    compiled, stats, localised, decomposed, decomposed_rows = _compiled(job, compile, baseline, notes, replay_ops) \
         if compile is not None else ([], None, None, None, [])
     return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults, notes,
                       ensemble_size=len(job.members) + 1 if job.members else 0, compiled=compiled,
@@ -505,14 +508,14 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
                       decomposed=decomposed, decomposed_end_to_end=decomposed_rows)
 
 
-def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[str]):
+def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[str], replay_ops: bool):
     """The decomposed depth (its ops replayed, its outputs end to end, each name prefixed
     ``decomposed``); the compiled run judged end to end (prefixed ``compiled``); what it compiled;
     and, when it fails, the node it is bisected to (unless ``spec.bisect`` is off)."""
-    decomposed, decomposed_run = job.decomposed_runs(spec)
+    decomposed, decomposed_run = job.decomposed_runs(spec, replay_ops)
     decomposed_rows = [EndToEnd(f"decomposed {e.name}", e.judgement)
                        for e in _end_to_end(job.golden_run, baseline, decomposed_run, job.ensemble_runs)]
-    if not decomposed.checks:
+    if replay_ops and not decomposed.checks:
         notes.append("decomposed graph: no aten graph ran under capture (dynamo compiled nothing), so no op of it "
                      "was replayed")
     stats, prefix = CompileStats(spec.backend), Prefix()
