@@ -9,7 +9,9 @@ evaluation. Three verdicts, by what the reference is:
   mean of the m device runs' values must lie in the prediction interval of the mean of m more runs
   of the n seeds, ``mean +- t sd sqrt(1/m + 1/n)``, with t the Student quantile at the stated
   false-positive rate split over the two statistics. Its power on real runs, each seed judged as a
-  device against the others, is measured by :mod:`training.power`.
+  device against the others, is measured by :mod:`training.power`. The sign-off (``--sign-off``,
+  :func:`judge_sign_off`) adds :func:`sign_off`, a one-sided test that the runs' curve mean is not
+  lower, which catches a slower and a worse device with more power at the same rate.
 - **Several runs on each side, without shipped seeds**, :func:`judge`: two one-sided Welch t-tests
   (alpha 0.05) fail the device whose final mAP is significantly below the reference's minus the
   tolerance, or above it plus the tolerance (far better is computing something else). One run per
