@@ -91,6 +91,10 @@ HOOKS = {
               "    register('cpu-alt', CpuBackend())\n",
     "replace": "from runtime.device import CpuBackend\ndef pytest_detr_register_devices(register):\n"
                "    register('cpu-alt', CpuBackend(), replace=True)\n",
+    "compile": "import torch\ndef pytest_detr_compile(fn, spec):\n"
+               "    print('vendor compile of', spec.backend, flush=True)\n"
+               "    return torch.compile(fn, backend='aot_eager')\n",
+    "compile_raises": "def pytest_detr_compile(fn, spec):\n    raise OSError('no graph compiler driver')\n",
     "nosuchop": "def pytest_detr_adjust_error_model(model, part, precision, device):\n"
                 "    model.scale('aten.nosuchop', 2.0, 'why')\n",
     "negative": "def pytest_detr_adjust_error_model(model, part, precision, device):\n"
@@ -145,3 +149,12 @@ def test_scale_multiplies_every_component_of_the_op():
     wide = scaled.allowance("aten.mm", {"self": a, "mat2": b}, [golden], 0, golden.float())
     assert wide.names == base.names and np.array_equal(wide.values, 3 * base.values)
     assert scaled.adjustments == ["allowance of aten.mm x3 (split-K)"]
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile came with torch 2.0")
+def test_a_vendor_compile_hook_compiles_the_part_and_its_failure_names_the_plugin(tmp_path):
+    done = run_with_hook(tmp_path, "compile", "-s", "--xpu", "cpu", "--compile", "inductor", SINE)
+    assert done.returncode == 0 and "vendor compile of inductor" in done.stdout, done.stdout + done.stderr
+    done = run_with_hook(tmp_path, "compile_raises", "--xpu", "cpu", "--compile", "inductor", SINE)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "pytest_detr_compile raised OSError: no graph compiler driver" in out, out

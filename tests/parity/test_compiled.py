@@ -185,3 +185,22 @@ def test_the_summary_line_names_the_depths_and_the_culprit(parts):
     assert line.startswith("FAIL position encoding (sine) [fp32]")
     assert f"{result.decomposed.checked} decomposed ops replayed, compiled with aot_eager: 1 graph(s)" in line
     assert "bisected to node #7 operator.mul in encoding" in line
+
+
+def test_a_vendors_compile_call_replaces_torch_compile(parts):
+    """``pytest_detr_compile`` hands the suite a compile call of its own (here torch.compile with
+    aot_eager behind a name dynamo does not know): the compiled run goes through it, and the node
+    bisection, which needs the graphs handed to the suite's own backend, says it has none."""
+    calls = []
+
+    def compiler(fn, spec):
+        calls.append(spec.backend)
+        return torch.compile(fn, backend="aot_eager")
+
+    module, inputs, run = parts["heads"]
+    spec = make_spec("vendor-graph-compiler", compiler=compiler)
+    result = compare_part("heads", module, inputs, run, "cpu", "fp32", compile=spec,
+                          **{**PARTS["heads"].judge, "whole_run": False})
+    assert calls == ["vendor-graph-compiler"] and result.passed, result.failure_message()
+    assert result.compile_stats.graphs, "the graphs dynamo compiled are counted from its metrics"
+    assert localise.Localisation(None, 0, [localise.Probe(0, True, "x")]).text().startswith("no node to bisect")
