@@ -188,7 +188,8 @@ def _compiled_summary(entries: List[dict]) -> str:
     margins = [e["worst_compiled_margin"] for e in entries if isinstance(e.get("worst_compiled_margin"), float)]
     worst = f"worst margin {_num(max(margins))}" if margins else "bit-identical to the baseline"
     decomposed = [e["decomposed"] for e in entries if e.get("decomposed")]
-    replayed = f"{sum(d['ops_checked'] for d in decomposed)} decomposed ops replayed, " if decomposed else ""
+    count = sum(d["ops_checked"] for d in decomposed)
+    replayed = f"{count} decomposed ops replayed, " if count else ""
     nodes = [e["localised"]["node"] for e in entries if (e.get("localised") or {}).get("node")]
     culprit = f", bisected to node #{nodes[0]['index']} {nodes[0]['target']} in {nodes[0]['module']}" if nodes else ""
     return (f", {replayed}compiled with {compiled[0]['backend']}: {sum(c['graphs'] for c in compiled)} graph(s), "
