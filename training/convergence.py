@@ -91,6 +91,10 @@ def judge(device_curves: Sequence[Curve], reference_curves: Sequence[Curve], tol
 
 # The chance that a device training like the reference fails :func:`judge_against_seeds`.
 FALSE_POSITIVE_RATE = 0.01
+# The one-sided rate of :func:`sign_off`: with it the sign-off as a whole failed 0.8 % of real
+# unshifted runs (5 of the 21 shipped seeds against the other 16, python -m training.power
+# --sign-off), where 1 % left it at 1.1 %.
+SIGN_OFF_RATE = 0.0075
 
 
 def _interpolate(curve: Curve, samples: float) -> Optional[float]:
@@ -171,7 +175,7 @@ def judge_against_seeds(device_curves: Sequence[Curve], reference_curves: Sequen
 
 
 def sign_off(device_curves: Sequence[Curve], reference_curves: Sequence[Curve],
-             false_positive_rate: float = FALSE_POSITIVE_RATE) -> Verdict:
+             false_positive_rate: float = SIGN_OFF_RATE) -> Verdict:
     """The sign-off's one-sided test: the mean of the m runs' curve means (their mAP averaged over
     the evaluations, as :func:`judge_against_seeds` reads them) must not lie below the n seeds'
     mean by more than ``t * sd * sqrt(1/m + 1/n)``, t the one-sided Student quantile at
