@@ -182,3 +182,19 @@ def test_power_measured_on_real_runs(verdict, change, factor, runs, least, most)
     """Sets of ``runs`` shipped seeds, changed, against the other seeds: the fraction caught."""
     _, curves = shipped()
     assert least <= power.detection_rate(curves, change, factor, runs, judge=verdict) <= most
+
+
+def test_sign_off_judges_a_training_run_by_both_tests():
+    """``--sign-off`` swaps the training test's verdict for :func:`judge_sign_off`: a seed lowered to
+    0.85x passes the default verdict against the other seeds and fails the sign-off."""
+    from types import SimpleNamespace
+
+    _, curves = shipped()
+    # seeds 45-49, one of the sets of five that the default verdict misses (81 % caught, 92 % signed off)
+    device = [lowered(c, 0.85) for c in curves[3:3 + SIGN_OFF_RUNS]]
+    plan = SimpleNamespace(bounded=False, target_source=None, reference=curves[:3] + curves[3 + SIGN_OFF_RUNS:])
+    options = {"--convergence-tolerance": None, "--sign-off": False}
+    default = fixture._judge(Options(**options), plan, device)
+    signed = fixture._judge(Options(**{**options, "--sign-off": True}), plan, device)
+    assert default.passed and "sign-off" not in default.method, default.text()
+    assert not signed.passed and "sign-off: the curve mean of 5 run(s)" in signed.method, signed.text()
