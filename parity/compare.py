@@ -386,6 +386,10 @@ class _Comparison:
             return _execute(module, inputs, run, self.dut.device, self.precision.backend(self.dut.device),
                             self.precision.autocast(self.dut.device), self.seed, None, ())
 
+    def fresh_graph_faults(self) -> List[GraphFault]:
+        """Copies of the graph faults with their counters at 0: the compiled run counts the firings."""
+        return [dataclasses.replace(f, fired=0) for f in self.graph_faults]
+
     def decomposed_runs(self, spec: CompileSpec, replay_ops: bool) -> Tuple[ReplayResult, _Run]:
         """The decomposed depth: the CPU baseline's decomposed aten graphs (Inductor's decompositions,
         run eagerly) captured op by op and replayed on the device (unless not ``replay_ops``), and
@@ -400,10 +404,9 @@ class _Comparison:
                      self.precision.backend(cpu, emulate_tf32=True),
                      self.precision.autocast(cpu, self.precision.autocast_dtype(self.dut.device)), self.seed, None, ())
             replayed = replay(trace, self.dut.device, self.precision, self.model, self.faults, self.dut.kernels)
-        faults = [dataclasses.replace(f, fired=0) for f in self.graph_faults]
         module, inputs = self.precision.prepare(copy.deepcopy(self.source), self.inputs, self.dut.device)
         with self.dut.kernels():
-            run = _execute(module, inputs, decomposed_run(spec, self.run, faults), self.dut.device,
+            run = _execute(module, inputs, decomposed_run(spec, self.run, self.fresh_graph_faults()), self.dut.device,
                            self.precision.backend(self.dut.device), self.precision.autocast(self.dut.device),
                            self.seed, None, ())
         return replayed, run
@@ -513,15 +516,12 @@ def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[s
     ``decomposed``); the compiled run judged end to end (prefixed ``compiled``); what it compiled;
     and, when it fails, the node it is bisected to (unless ``spec.bisect`` is off)."""
     decomposed, decomposed_run = job.decomposed_runs(spec, replay_ops)
-    decomposed_rows = [EndToEnd(f"decomposed {e.name}", e.judgement)
-                       for e in _end_to_end(job.golden_run, baseline, decomposed_run, job.ensemble_runs)]
+    decomposed_rows = _judged(job, baseline, decomposed_run, "decomposed")
     if replay_ops and not decomposed.checks:
         notes.append("decomposed graph: no aten graph ran under capture (dynamo compiled nothing), so no op of it "
                      "was replayed")
     stats, prefix = CompileStats(spec.backend), Prefix()
-    run = job.compiled_device_run(spec, stats, prefix)
-    judged = [EndToEnd(f"compiled {e.name}", e.judgement)
-              for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
+    judged = _judged(job, baseline, job.compiled_device_run(spec, stats, prefix), "compiled")
     failing = [e for e in judged if not e.judgement.passed]
     localised = _localise(job, spec, baseline, prefix, failing[0]) if failing and spec.bisect else None
     broken = fullgraph_failure(stats) if spec.fullgraph else None
@@ -543,10 +543,9 @@ def _localise(job: _Comparison, spec: CompileSpec, baseline: _Run, prefix: Prefi
     end-to-end verdict (golden and ensemble made once) as the good/bad test."""
 
     def probe(budget: Optional[int]):
-        faults = [dataclasses.replace(f, fired=0) for f in job.graph_faults]
-        run = job.compiled_device_run(spec, CompileStats(spec.backend), Prefix(budget), faults, breaks=False)
-        judged = [EndToEnd(f"compiled {e.name}", e.judgement)
-                  for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
+        run = job.compiled_device_run(spec, CompileStats(spec.backend), Prefix(budget), job.fresh_graph_faults(),
+                                      breaks=False)
+        judged = _judged(job, baseline, run, "compiled")
         failing = [e for e in judged if not e.judgement.passed]
         return bool(failing), _briefly(failing[0] if failing else _worst(judged))
 
@@ -554,6 +553,12 @@ def _localise(job: _Comparison, spec: CompileSpec, baseline: _Run, prefix: Prefi
     if spec.bisect_passes:
         found.passes = bisect_passes(lambda: not probe(None)[0])
     return found
+
+
+def _judged(job: _Comparison, baseline: _Run, run: _Run, depth: str) -> List[EndToEnd]:
+    """``run``'s outputs and gradients judged end to end, each name prefixed with its ``depth``."""
+    return [EndToEnd(f"{depth} {e.name}", e.judgement)
+            for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
 
 
 def _briefly(row: Optional[EndToEnd]) -> str:
