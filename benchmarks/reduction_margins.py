@@ -1,6 +1,7 @@
 """Margins of the reduction rule at large K: correct fp32 summation orders, which must pass, beside
 precision leaks, which must fail (margin above 1), for mm, sum and a convolution's weight gradient
-from K = 512 to 1e6, with the per-element bound alone (the rule before the reduction-rms test) and
+from K = 512 to 1e6, layer norm's weight and bias gradients (sums over K tokens) and softmax over rows
+of up to 16384, with the per-element bound alone (the rule before the reduction-rms test) and
 with the whole rule.
 
     python benchmarks/reduction_margins.py [--k 512 8192 131072 1048576] [--rows 16] [--data normal]
@@ -126,6 +127,45 @@ def conv_weight_grad(k, data, g):
     return 2 * side * side, margins("aten.convolution_backward", args, golden, results, base, position=1)
 
 
+def rows_in_orders(terms):
+    """The sum over the rows of ``terms`` [K, N] in the correct orders, name -> [N] fp32."""
+    t = terms.T.contiguous()
+    out = {"reversed": t.flip(1).sum(1), "pairwise": pairwise(t), "sequential": sequential(t)}
+    out.update({f"split-K {p}": split_k(p, t) for p in (2, 16, 256)})
+    return out
+
+
+def layer_norm_grads(k, data, g, width=16):
+    """The weight and bias gradients of a layer norm over ``width`` features: sums over K tokens."""
+    x, grad = data((k, width), g) * 3 + 1, torch.randn(k, width, generator=g)
+    w, b = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, [width], w, b, 1e-5)
+    args = dict(grad_out=grad.double(), input=x.double(), normalized_shape=[width], mean=mean.double(),
+                rstd=rstd.double(), weight=w.double(), bias=b.double(), output_mask=[True, True, True])
+    golden = torch.ops.aten.native_layer_norm_backward(*args.values())
+    base = torch.ops.aten.native_layer_norm_backward(grad, x, [width], mean, rstd, w, b, [True, True, True])
+    xhat = (x - mean) * rstd
+    found = {}
+    for position, terms in ((1, grad * xhat), (2, grad)):
+        results = {"cpu": base[position], **rows_in_orders(terms)}
+        results.update({n: v for n, v in leaks(base[position], None).items() if n != "TF32 inputs"})
+        found[position] = margins("aten.native_layer_norm_backward", args, golden[position], results, base[position],
+                                  position)
+    return k, found[1], found[2]
+
+
+def softmax_rows(k, data, g, rows=16):
+    """Softmax over rows of K logits (attention over K tokens), its sum in the correct orders."""
+    x = data((rows, k), g) * 4
+    e = (x - x.amax(1, keepdim=True)).exp()
+    results = {"cpu": torch.softmax(x, 1)}
+    results.update({name: e / total[:, None] for name, total in rows_in_orders(e.T).items()})
+    results.update({n: v for n, v in leaks(results["cpu"], None).items() if n != "TF32 inputs"})
+    golden = torch.softmax(x.double(), 1)
+    return k, margins("aten._softmax", {"self": x.double(), "dim": 1, "half_to_float": False}, golden, results,
+                      results["cpu"])
+
+
 def table(title, rows):
     names = list(rows[0][1])
     print(f"\n{title}: per-element margin / whole-rule margin, > 1 fails")
@@ -152,6 +192,14 @@ def main():
         table(f"{op} ({args.rows} x K x {args.rows} for mm, {args.rows} rows of K for sum; {args.data} terms)", rows)
     table(f"aten.convolution_backward, weight gradient (3x3, 16 channels, 2 images; {args.data} input)",
           [conv_weight_grad(k, data, g) for k in args.k])
+    norms = [layer_norm_grads(k, data, g) for k in args.k]
+    table(f"aten.native_layer_norm_backward, weight gradient (16 features, K tokens; {args.data} input)",
+          [(k, weight) for k, weight, _ in norms])
+    table(f"aten.native_layer_norm_backward, bias gradient (16 features, K tokens; {args.data} input)",
+          [(k, bias) for k, _, bias in norms])
+    table(f"aten._softmax over rows of K (16 rows; {args.data} logits times 4; K up to 16384, the longest attention "
+          "row at the reference size)", [softmax_rows(k, data, g) for k in args.k if k <= 16384] or
+          [softmax_rows(16384, data, g)])
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

@@ -33,7 +33,8 @@ inputs) the allowed absolute error is the largest of these components:
                half type itself, because the reference CPU kernel does: its layer-norm backward
                sums bf16 gradients into the float32 weight and bias gradients 4e4 to 8e4 float32
                units off (measured in ``amp``, oneDNN on or off).
-``reduction rms``  for fp32 sums, means, matmuls and 2-d convolutions and their gradients of at
+``reduction rms``  for fp32 sums, means, matmuls and 2-d convolutions and their gradients, and
+               layer norm's weight and bias gradients (sums over tokens), of at
                least ``RMS_MIN_TERMS`` terms, a second test over the whole output: the RMS of the
                error in units of ``sigma``, the standard deviation that a correct order which
                rounds every running sum would reach on these terms (:mod:`parity.partial_sums`),
@@ -272,11 +273,18 @@ def _last_dim_softmax_terms(c: OpContext, x: torch.Tensor) -> Tuple[torch.Tensor
     return x - x.amax(dim, keepdim=True), dim, x.shape[dim] if x.dim() else 1
 
 
+def _denominator(c: OpContext, shifted: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The relative error of softmax's sum of exponentials: the probabilistic C sqrt(K) u, plus
+    twice what one fp32 accumulator drifts on these positive terms (measured, in either order)."""
+    drift = 2 * partial_sums.sequential_drift(shifted.exp(), dim) if shifted.dim() else 0.0
+    return _sum_terms(c, torch.ones_like(shifted), k) + drift
+
+
 def _softmax(c: OpContext) -> torch.Tensor:
-    shifted, _, k = _last_dim_softmax_terms(c, c.arg("self"))
+    shifted, dim, k = _last_dim_softmax_terms(c, c.arg("self"))
     y = c.out.abs()
     exp_budget = _budget("exp", c)
-    return y * (c.eps * (exp_budget + 2 + shifted.abs())) + _sum_terms(c, y, k)
+    return y * (c.eps * (exp_budget + 2 + shifted.abs()) + _denominator(c, shifted, dim, k))
 
 
 def _log_softmax(c: OpContext) -> torch.Tensor:
@@ -284,7 +292,7 @@ def _log_softmax(c: OpContext) -> torch.Tensor:
     lse = shifted.exp().sum(dim, keepdim=True).log()
     exp_budget, log_budget = _budget("exp", c), _budget("log", c)
     return c.eps * (c.out.abs() + shifted.abs() + (log_budget + 1) * lse.abs() + exp_budget) + \
-        _sum_terms(c, torch.ones_like(c.out), k)
+        _denominator(c, shifted, dim, k)
 
 
 def _softmax_backward(c: OpContext) -> torch.Tensor:
@@ -454,11 +462,23 @@ def _energy_sum(c: OpContext) -> torch.Tensor:
     return partial_sums.reduced(x, dims, c.out)
 
 
+def _energy_layer_norm_backward(c: OpContext) -> torch.Tensor:
+    """The weight and bias gradients: sums over every row (token) of grad_out * xhat and grad_out."""
+    g = c.arg("grad_out")
+    x, _, dims = _layer_norm_rows(c)
+    rows = list(range(x.dim() - len(dims)))
+    if c.position == 1:
+        mean, rstd = c.arg("mean"), c.arg("rstd")
+        shape = mean.shape + (1,) * (x.dim() - mean.dim())
+        g = g * (x - mean.reshape(shape)) * rstd.reshape(shape)
+    return partial_sums.reduced(g, rows, c.out)
+
+
 # The energy (partial_sums) of each output element, for ops whose terms_per_element is known.
 STATISTICAL: Dict[str, Callable[[OpContext], torch.Tensor]] = {
     "mm": _energy_matmul, "bmm": _energy_matmul, "addmm": _energy_matmul, "baddbmm": _energy_matmul,
     "convolution": _energy_convolution, "convolution_backward": _energy_convolution,
-    "sum": _energy_sum, "mean": _energy_sum,
+    "sum": _energy_sum, "mean": _energy_sum, "native_layer_norm_backward": _energy_layer_norm_backward,
 }
 
 
@@ -476,6 +496,9 @@ def terms_per_element(c: OpContext) -> int:
         return w.shape[0] * math.prod(w.shape[2:]) if c.position == 0 else g.shape[0] * math.prod(g.shape[2:])
     if c.name in ("sum", "mean"):
         return int(_reduced_count(c.arg("self"), c.out))
+    if c.name == "native_layer_norm_backward" and c.position > 0:  # over rows; the input gradient's K is a row
+        x, k, _ = _layer_norm_rows(c)
+        return x.numel() // k
     return 0
 
 

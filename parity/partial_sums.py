@@ -24,6 +24,7 @@ float32, and the squares once).
 import math
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -223,3 +224,20 @@ def conv_input_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride
 
     squares = backward(grad.square(), w.square())
     return channel_blocks(run, w.shape[0], math.prod(w.shape[2:]), squares, total)
+
+
+def sequential_drift(terms: torch.Tensor, dim: int) -> torch.Tensor:
+    """The relative error of summing ``terms`` (positive, any shape) along ``dim`` with one float32
+    accumulator, in order or reversed, whichever is larger (float64, ``dim`` kept with size 1).
+
+    Positive terms do not cancel, and once the running sum's ulp nears a term, every term rounds the
+    same way: one accumulator's error grows faster than sqrt(K) (softmax's denominator over 8192
+    logits: 2x the C sqrt(K) u bound). That drift is measured here on the op's own terms, by
+    running the order (numpy's accumulate is strictly sequential) rather than modelled."""
+    x = terms.detach().movedim(dim, -1).to(torch.float32).numpy()
+    exact = x.astype(np.float64).sum(-1)
+    forward = np.cumsum(x, axis=-1, dtype=np.float32)[..., -1]
+    backward = np.cumsum(x[..., ::-1], axis=-1, dtype=np.float32)[..., -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = np.maximum(np.abs(forward - exact), np.abs(backward - exact)) / exact
+    return torch.from_numpy(np.nan_to_num(drift, nan=0.0, posinf=0.0)).unsqueeze(dim % max(terms.dim(), 1))
