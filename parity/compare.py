@@ -77,6 +77,7 @@ class PartResult:
     localised: Optional[Localisation] = None  # the node a failing compiled run is bisected to
     decomposed: Optional[ReplayResult] = None  # the decomposed aten graphs' ops, replayed
     decomposed_end_to_end: List[EndToEnd] = field(default_factory=list)  # the decomposed run's outputs
+    statistic: str = "rms"  # how the end-to-end judgement sized each run's error
 
     @property
     def passed(self) -> bool:
@@ -170,7 +171,7 @@ class PartResult:
             "passed": self.passed, "ops_checked": self.ops_checked, "ops_identical": self.replay.identical,
             "worst_op_margin": self.worst().margin if self.worst() else None,
             "worst_end_to_end_margin": worst_end.judgement.margin if worst_end else None,
-            "ensemble_size": self.ensemble_size,
+            "ensemble_size": self.ensemble_size, "statistic": self.statistic,
             "tensors_judged": len(self.end_to_end),
             "tensors_identical": sum(e.judgement.kind == "identical" for e in self.end_to_end),
             "ops_skipped": len(self.replay.skipped), "first_failure": self.first_failure,
@@ -281,9 +282,10 @@ def _structure(b: List[Tuple[str, Any]], d: List[Tuple[str, Any]]) -> Optional[E
 
 
 def _end_to_end(golden: Callable[[], _Run], baseline: _Run, device: _Run,
-                members: Callable[[], Sequence[_Run]]) -> List[EndToEnd]:
+                members: Callable[[], Sequence[_Run]], statistic: str = "rms") -> List[EndToEnd]:
     """Every final output and gradient: structure first; then floats that differ from the baseline
-    against the ensemble (``golden`` and ``members`` are called only when one does)."""
+    against the ensemble, each run's error sized by ``statistic`` (``golden`` and ``members`` are
+    called only when one does)."""
     b, d = _leaves(baseline), _leaves(device)
     mismatch = _structure(b, d)
     if mismatch is not None:
@@ -304,7 +306,7 @@ def _end_to_end(golden: Callable[[], _Run], baseline: _Run, device: _Run,
             if tb.is_floating_point():
                 runs = runs if runs is not None else [b] + [_leaves(m) for m in members()]
                 draws = [run[i][1] if i < len(run) else None for run in runs]
-                results.append(EndToEnd(name, ensemble.judge_against_ensemble(td, tb, tg, draws, tests)))
+                results.append(EndToEnd(name, ensemble.judge_against_ensemble(td, tb, tg, draws, tests, statistic)))
             else:
                 results.append(EndToEnd(name, judge_integer(td, tb, tg)))
     return results
@@ -355,6 +357,7 @@ class _Comparison:
     trace_keep: Optional[str]
     ensemble_size: int
     graph_faults: List[GraphFault] = field(default_factory=list)
+    statistic: str = "rms"
     golden: Optional[_Run] = None
     members: List[_Run] = field(default_factory=list)
 
@@ -431,7 +434,7 @@ class _Comparison:
 def _setup(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Module], inputs: Any, run: RunFn,
            device: Union[str, torch.device, Device], precision: Union[str, Precision],
            faults: Sequence[Union[str, FaultSpec]], model: Optional[ErrorModel], seed: int,
-           trace_keep: Optional[str], ensemble_size: int) -> _Comparison:
+           trace_keep: Optional[str], ensemble_size: int, statistic: str = "rms") -> _Comparison:
     """Resolves the device, precision, error model and faults of :func:`compare_part`, and builds the
     module once, onto the CPU."""
     dut = device if isinstance(device, Device) else (resolve(device) if isinstance(device, str) else Device(device))
@@ -441,7 +444,7 @@ def _setup(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn.Modul
     faults = parse_faults(aten)
     source = build if isinstance(build, torch.nn.Module) else build()
     return _Comparison(part, copy.deepcopy(source).cpu(), inputs, run, dut, precision, model, faults, seed,
-                       trace_keep, ensemble_size, graph_faults)
+                       trace_keep, ensemble_size, graph_faults, statistic)
 
 
 def _notes(same: bool, replayed: ReplayResult, whole: Optional[WholeRun], faults: Sequence[FaultSpec]) -> List[str]:
@@ -470,7 +473,8 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
                  run: RunFn, device: Union[str, torch.device, Device], precision: Union[str, Precision],
                  faults: Sequence[Union[str, FaultSpec]] = (), model: Optional[ErrorModel] = None, *,
                  seed: int = 0, keep: str = "outputs", whole_run: bool = True, replay_ops: bool = True,
-                 ensemble_size: int = ensemble.ENSEMBLE_SIZE, compile: Optional[CompileSpec] = None) -> PartResult:
+                 ensemble_size: int = ensemble.ENSEMBLE_SIZE, compile: Optional[CompileSpec] = None,
+                 statistic: str = "rms") -> PartResult:
     """Checks one part on ``device`` (a torch device, a device string such as ``cpu-alt``, or a
     :class:`~runtime.device.Device`) in ``precision``.
 
@@ -489,15 +493,19 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     Inductor's decompositions, eagerly: the CPU's decomposed ops are replayed on the device one by
     one, and the device's decomposed run is judged end to end. A failing compiled run is bisected
     to the first graph node whose compilation fails it (:mod:`parity.localise`), unless
-    ``compile.bisect`` is off.
+    ``compile.bisect`` is off. ``statistic`` sizes each run's error in the end-to-end judgement
+    (:func:`parity.ensemble.judge_against_ensemble`): ``"median"`` for parameters after optimizer
+    steps, whose correct errors are heavy-tailed.
     """
+    if statistic not in ensemble.STATISTICS:
+        raise ValueError(f"statistic must be one of {ensemble.STATISTICS}, got {statistic!r}")
     job = _setup(part, build, inputs, run, device, precision, faults, model, seed, keep if whole_run else None,
-                 ensemble_size)
+                 ensemble_size, statistic)
     baseline = job.baseline("tensors" if replay_ops else job.trace_keep)
     result = job.device_run()
     replayed = replay(baseline.trace, job.dut.device, job.precision, job.model, job.faults, job.dut.kernels) \
         if replay_ops else ReplayResult([])
-    end_to_end = _end_to_end(job.golden_run, baseline, result, job.ensemble_runs)
+    end_to_end = _end_to_end(job.golden_run, baseline, result, job.ensemble_runs, job.statistic)
     # A device whose every output and gradient is the baseline's bit for bit passes the end-to-end
     # check by construction: the float64 golden and the ensemble were then not needed.
     same = all(e.judgement.kind == "identical" for e in end_to_end)
@@ -508,7 +516,7 @@ def compare_part(part: str, build: Union[Callable[[], torch.nn.Module], torch.nn
     return PartResult(part, job.dut.label, job.precision.name, replayed, end_to_end, whole, job.faults, notes,
                       ensemble_size=len(job.members) + 1 if job.members else 0, compiled=compiled,
                       compile_stats=stats, graph_faults=job.graph_faults, localised=localised,
-                      decomposed=decomposed, decomposed_end_to_end=decomposed_rows)
+                      decomposed=decomposed, decomposed_end_to_end=decomposed_rows, statistic=statistic)
 
 
 def _compiled(job: _Comparison, spec: CompileSpec, baseline: _Run, notes: List[str], replay_ops: bool):
@@ -558,7 +566,7 @@ def _localise(job: _Comparison, spec: CompileSpec, baseline: _Run, prefix: Prefi
 def _judged(job: _Comparison, baseline: _Run, run: _Run, depth: str) -> List[EndToEnd]:
     """``run``'s outputs and gradients judged end to end, each name prefixed with its ``depth``."""
     return [EndToEnd(f"{depth} {e.name}", e.judgement)
-            for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs)]
+            for e in _end_to_end(job.golden_run, baseline, run, job.ensemble_runs, job.statistic)]
 
 
 def _briefly(row: Optional[EndToEnd]) -> str:

@@ -215,7 +215,8 @@ def summary_lines(tests: Iterable[Any]) -> List[str]:
         if checked or not tensors:
             line = f"{status} {part} [{precision}]: {checked} ops checked"
         else:  # a whole run judged at its end only (several steps: no op-by-op replay)
-            line = (f"{status} {part} [{precision}]: {tensors} tensors judged end to end against the ensemble "
+            by = " by median error" if any(e.get("statistic") == "median" for e in entries) else ""
+            line = (f"{status} {part} [{precision}]: {tensors} tensors judged end to end against the ensemble{by} "
                     f"({sum(e.get('tensors_identical') or 0 for e in entries)} bit-identical to the baseline)")
         if checked:
             line += f" ({same} bit-identical to the baseline)"

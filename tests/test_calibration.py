@@ -13,6 +13,7 @@ import pytest
 from fixtures.parts import PARTS as SUITE_PARTS
 from parity.compare import compare_part
 from parity.errormodel import FAITHFUL_OPS, ErrorModel
+from parity.faults import parse_fault
 from tests.test_fault_catalogue import tiny_parts
 
 MODEL = ErrorModel()  # the default table: what --xpu cpu and cpu-alt are judged by
@@ -68,3 +69,22 @@ def test_a_device_that_sums_in_other_orders_and_rounds_every_op_faithfully_passe
     result = compare_part(part, module, inputs, run, "cpu-splitk", "fp32", PROFILES["faithful rounding of arithmetic"],
                           **SUITE_PARTS[part].judge)
     assert result.passed, result.failure_message()
+
+
+def test_a_correct_device_whose_relu_flips_between_adamw_steps_passes_by_median(parts):
+    """Seed 8 of ``benchmarks/false_failures.py``: every add an ulp off flips one ReLU of a
+    near-cancelling residual sum at the second step, and AdamW, dividing near-eps gradients,
+    carries it into 4 % of ``layer2.0.conv1.weight``. The RMS judged that correct device a
+    failure (1.83x); the median, which ``train 3 steps`` uses, passes it. Both in one run, on the
+    same device and ensemble."""
+    part = "train 3 steps"
+    module, inputs, run = parts[part]
+    def faults():  # fresh specs for each run: a spec's draws follow its count of firings
+        return [parse_fault(f"aten.{op}:ulp=1", seed=8000 + i) for i, op in enumerate(FAITHFUL_OPS)]
+
+    judge = dict(SUITE_PARTS[part].judge)
+    assert judge.pop("statistic") == "median"
+    by_rms = compare_part(part, module, inputs, run, "cpu", "fp32", faults(), seed=8, statistic="rms", **judge)
+    assert not by_rms.passed and "layer2.0.conv1.weight" in by_rms.worst_end_to_end().name
+    by_median = compare_part(part, module, inputs, run, "cpu", "fp32", faults(), seed=8, statistic="median", **judge)
+    assert by_median.passed, by_median.failure_message()

@@ -88,6 +88,8 @@ def test_a_part_judged_only_at_its_end_says_how_many_tensors_were_judged(results
     assert line.startswith("PASS mlp [fp32]: 176 tensors judged end to end against the ensemble "
                            "(2 bit-identical to the baseline), worst end-to-end margin "), line
     assert "0 ops checked" not in line
+    (by_median,) = summary_lines([dict(entry, statistic="median")])
+    assert "judged end to end against the ensemble by median error (2 bit-identical" in by_median, by_median
 
 
 def test_reports_accumulate_the_newest_wins_and_a_corrupt_one_is_kept_aside(tmp_path, results):
