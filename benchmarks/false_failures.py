@@ -9,6 +9,7 @@ median and largest worst end-to-end margin; the statistics judge the same runs.
     python benchmarks/false_failures.py --seeds 30 --statistic rms median
     python benchmarks/false_failures.py --seeds 20 --part "train step"
     python benchmarks/false_failures.py --seeds 30 --part backbone --ensemble-size 3 5
+    python benchmarks/false_failures.py --seeds 6 --part backbone --suite-batch --compile inductor --ensemble-size 3 5 8
 """
 import argparse
 import statistics
@@ -27,6 +28,7 @@ from parity.compare import compare_part  # noqa: E402
 from parity.ensemble import ENSEMBLE_SIZE, STATISTICS  # noqa: E402
 from parity.errormodel import FAITHFUL_OPS  # noqa: E402
 from parity.faults import parse_fault  # noqa: E402
+from runtime.compiler import make_spec  # noqa: E402
 from tests.test_fault_catalogue import tiny_parts  # noqa: E402
 
 FAITHFUL = [f"aten.{op}:ulp=1" for op in FAITHFUL_OPS]
@@ -70,6 +72,8 @@ def main() -> None:
                              "small images: more activations, so more near-ties a correct device may flip")
     parser.add_argument("--end-to-end-only", action="store_true", help="skip the op replay (what is measured here "
                         "is the end-to-end judgement; a part's op replay does not depend on the ensemble)")
+    parser.add_argument("--compile", metavar="BACKEND", help="one correct device only: this CPU's run through "
+                        "torch.compile with BACKEND, judged at the compiled depth (no bisection)")
     args = parser.parse_args()
     module, inputs, run = suite_parts()[args.part] if args.suite_batch else tiny_parts()[args.part]
     judge = dict(PARTS[args.part].judge)
@@ -78,6 +82,9 @@ def main() -> None:
     statistics_ = args.statistic or [judge.pop("statistic", "rms")]
     judge.pop("statistic", None)
     devices = CORRECT + FAULTY.get(args.part, FAULTY["other"])
+    if args.compile:
+        devices = [(f"cpu through {args.compile}", "cpu", [], True)]
+        judge.update(whole_run=False, replay_ops=False, compile=make_spec(args.compile, bisect=False))
     print(f"{args.part}, tiny, {args.seeds} seeds per device from {args.first_seed}")
     variants = [(s, size) for s in statistics_ for size in args.ensemble_size]
     margins = {(name, v): [] for name, *_ in devices for v in variants}
@@ -90,7 +97,7 @@ def main() -> None:
                 faults = [parse_fault(spec, seed=1000 * seed + i) for i, spec in enumerate(specs)]
                 result = compare_part(args.part, module, inputs, run, device, "fp32", faults, seed=seed,
                                       statistic=statistic, ensemble_size=size, **judge)
-                worst = result.worst_end_to_end()
+                worst = max(result.end_to_end + result.compiled, key=lambda e: e.judgement.margin, default=None)
                 margin = worst.judgement.margin if worst else 0.0
                 margins[name, (statistic, size)].append(margin)
                 failed[name, (statistic, size)] += not result.passed if correct else margin > 1
