@@ -79,7 +79,7 @@ def main() -> None:
     judge = dict(PARTS[args.part].judge)
     if args.end_to_end_only:
         judge["replay_ops"] = False
-    statistics_ = args.statistic or [judge.pop("statistic", "rms")]
+    statistics_ = args.statistic or [judge.get("statistic", "rms")]
     judge.pop("statistic", None)
     devices = CORRECT + FAULTY.get(args.part, FAULTY["other"])
     if args.compile:
