@@ -273,26 +273,27 @@ def _last_dim_softmax_terms(c: OpContext, x: torch.Tensor) -> Tuple[torch.Tensor
     return x - x.amax(dim, keepdim=True), dim, x.shape[dim] if x.dim() else 1
 
 
-def _denominator(c: OpContext, shifted: torch.Tensor, dim: int, k: int) -> torch.Tensor:
-    """The relative error of softmax's sum of exponentials: the probabilistic C sqrt(K) u, plus
-    twice what one fp32 accumulator drifts on these positive terms (measured, in either order)."""
-    drift = 2 * partial_sums.sequential_drift(shifted.exp(), dim) if shifted.dim() else 0.0
-    return _sum_terms(c, torch.ones_like(shifted), k) + drift
+def _denominator(c: OpContext, exps: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The relative error of softmax's sum of the exponentials ``exps``: the probabilistic C sqrt(K)
+    u, plus twice what one fp32 accumulator drifts on these positive terms (measured, in either order)."""
+    drift = 2 * partial_sums.sequential_drift(exps, dim) if exps.dim() else 0.0
+    return _sum_terms(c, torch.ones_like(exps), k) + drift
 
 
 def _softmax(c: OpContext) -> torch.Tensor:
     shifted, dim, k = _last_dim_softmax_terms(c, c.arg("self"))
     y = c.out.abs()
     exp_budget = _budget("exp", c)
-    return y * (c.eps * (exp_budget + 2 + shifted.abs()) + _denominator(c, shifted, dim, k))
+    return y * (c.eps * (exp_budget + 2 + shifted.abs()) + _denominator(c, shifted.exp(), dim, k))
 
 
 def _log_softmax(c: OpContext) -> torch.Tensor:
     shifted, dim, k = _last_dim_softmax_terms(c, c.arg("self"))
-    lse = shifted.exp().sum(dim, keepdim=True).log()
+    exps = shifted.exp()
+    lse = exps.sum(dim, keepdim=True).log()
     exp_budget, log_budget = _budget("exp", c), _budget("log", c)
     return c.eps * (c.out.abs() + shifted.abs() + (log_budget + 1) * lse.abs() + exp_budget) + \
-        _denominator(c, shifted, dim, k)
+        _denominator(c, exps, dim, k)
 
 
 def _softmax_backward(c: OpContext) -> torch.Tensor:
